@@ -18,3 +18,36 @@ class Teacher(Protocol):
     neuron_ids: Sequence[str]
 
     def predict(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray: ...
+
+
+class CompactTeacher:
+    """Compact models (one per neuron, or one shared model with many outputs) serving as a Teacher.
+
+    models: CompactModels whose outputs are concatenated in order; ``neuron_ids`` defaults to the
+    models' ``spec.neuron_ids``. Runs in eval mode (BN uses its running statistics).
+    """
+
+    def __init__(self, models, neuron_ids: Sequence[str] | None = None, device="cpu"):
+        import torch  # local: keep importing farm.models.base cheap for type users
+
+        self.models = [m.to(device).eval() for m in models]
+        self.device = torch.device(device)
+        if neuron_ids is None:
+            neuron_ids = [nid for m in self.models for nid in m.spec.neuron_ids]
+        n_out = sum(m.spec.n_outputs for m in self.models)
+        if len(neuron_ids) != n_out:
+            raise ValueError(f"CompactTeacher: {len(neuron_ids)} neuron ids for {n_out} model outputs")
+        self.neuron_ids = tuple(neuron_ids)
+
+    def predict(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        import torch
+
+        from farm.data.images import recenter
+
+        out = np.empty((len(images), len(self.neuron_ids)), dtype=np.float32)
+        with torch.inference_mode():
+            for s in range(0, len(images), batch_size):
+                x = recenter(images[s:s + batch_size], self.device)
+                cols = [m(x) for m in self.models]
+                out[s:s + batch_size] = torch.cat(cols, dim=1).float().cpu().numpy()
+        return out
