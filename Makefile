@@ -1,0 +1,20 @@
+# The README's two commands: `make demo` and `make test` (each sets up .venv first).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Be explicit about Ray token auth and telemetry (ecosystem.md §5f); token mode on real clusters.
+export RAY_AUTH_MODE ?= disabled
+export RAY_USAGE_STATS_ENABLED ?= 0
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION ?= false
+
+.PHONY: env demo test test-fast
+env:
+	bash scripts/setup_env.sh $(VENV)
+
+demo: env
+	$(VENV)/bin/farm demo
+
+test: env
+	$(PY) -m pytest -q
+
+test-fast: env
+	$(PY) -m pytest -q -m "not slow"
