@@ -1,0 +1,202 @@
+"""One config system: typed dataclasses, YAML in and out, dotted command-line overrides.
+
+A job config composes the components' own configs (each component owns its defaults: the
+simulation's ``SimulationConfig``, the teacher's ``TeacherConfig``, the bank's ``BankConfig``,
+compression's ``CompressConfig``); here they stay plain dicts until the component parses them, so
+unknown keys are refused by the component that owns them, naming the key.
+
+    cfg = load_job_config("configs/demo.yaml", overrides=["farm.num_cpus=2", "neurons=sim2:0-3"])
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG_DIR = REPO / "configs"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class DataConfig:
+    """Where the sessions come from.
+
+    kind: "simulated" (the embedded default: simulate into ``dir`` if absent), "v4" (import the
+    published release from ``source`` into ``dir``), or "sessions" (Parquet sessions already in ``dir``).
+    """
+
+    kind: str = "simulated"
+    dir: str = "farm_data/demo"
+    source: str | None = None
+    simulate: dict = field(default_factory=dict)
+
+
+@dataclass
+class TeacherSourceConfig:
+    """The teacher. kind:
+    "ensemble": train the deep ensemble (``config``: TeacherConfig dict or a YAML path), fit the
+        readout of ``session`` on its first half, save under ``path`` (reused when present);
+    "saved": a saved EnsembleTeacher at ``path``;
+    "shared_compact": a published shared compact model (.keras) at ``path``, restricted to ``session``;
+    "published_compact": the published per-neuron compact models of ``session`` under ``path``;
+    "ground_truth": the simulated population's true rates (for testing the compression alone).
+    """
+
+    kind: str = "ensemble"
+    path: str | None = None
+    session: str | None = None
+    config: Any = None
+
+
+@dataclass
+class BankSpec:
+    """The distillation image bank (``bank``: BankConfig fields) built from the images of sessions
+    with the given roles (never the evaluated session's), and the held-out split."""
+
+    dir: str | None = None
+    source_roles: list = field(default_factory=lambda: ["train", "validation"])
+    heldout: int = 500
+    bank: dict = field(default_factory=dict)
+
+
+@dataclass
+class FarmResources:
+    """Ray resources per neuron task and where Ray runs (``address`` None: local / RAY_ADDRESS)."""
+
+    num_cpus: float = 1
+    num_gpus: float = 0
+    max_retries: int = 3
+    device: str = "auto"
+    address: str | None = None
+    local_num_cpus: int | None = None
+    object_store_memory: int | None = None
+
+
+@dataclass
+class TrackingConfig:
+    uri: str | None = None
+    experiment: str = "farm"
+    register_models: bool = False
+
+
+@dataclass
+class SweepConfig:
+    """Ray Tune sweep of pruning thresholds from each neuron's cached distilled model."""
+
+    neurons: str = ""
+    taus: list = field(default_factory=lambda: [0.8, 0.9, 0.95])
+    criteria: list = field(default_factory=lambda: ["reconstruction"])
+    search: str = "grid"
+    num_samples: int = 1
+    eps: float = 0.02
+    max_concurrent: int = 2
+    max_failures: int = 2
+
+
+@dataclass
+class JobConfig:
+    name: str = "demo"
+    job_id: str | None = None
+    out_dir: str = "farm_runs/demo"
+    neurons: str = "all"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherSourceConfig = field(default_factory=TeacherSourceConfig)
+    bank: BankSpec = field(default_factory=BankSpec)
+    compress: dict = field(default_factory=dict)
+    farm: FarmResources = field(default_factory=FarmResources)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def resolved_job_id(self) -> str:
+        """The given job id, else a stable hash of everything but tracking/resources."""
+        if self.job_id:
+            return self.job_id
+        d = self.to_dict()
+        for k in ("farm", "tracking", "job_id"):
+            d.pop(k)
+        digest = hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
+        return f"{self.name}-{digest}"
+
+
+def _from_dict(cls, d: dict, where: str):
+    if d is None:
+        return cls()
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(d).__name__}")
+    names = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(d) - set(names))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(names)}")
+    kwargs = {}
+    for k, v in d.items():
+        default = names[k].default_factory() if callable(names[k].default_factory) else names[k].default
+        if is_dataclass(default):
+            kwargs[k] = _from_dict(type(default), v, f"{where}.{k}")
+        else:
+            kwargs[k] = v
+    return cls(**kwargs)
+
+
+def _set_dotted(d: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    cur = d
+    for k in keys[:-1]:
+        cur = cur.setdefault(k, {})
+        if not isinstance(cur, dict):
+            raise ConfigError(f"override {dotted!r}: {k!r} is not a section")
+    cur[keys[-1]] = value
+
+
+def apply_overrides(d: dict, overrides: list[str] | None) -> dict:
+    """``key.sub=value`` strings (value parsed as YAML) applied to a copy of ``d``."""
+    d = copy.deepcopy(d)
+    for o in overrides or []:
+        if "=" not in o:
+            raise ConfigError(f"override {o!r}: expected key=value (e.g. farm.num_cpus=2)")
+        k, v = o.split("=", 1)
+        _set_dotted(d, k.strip(), yaml.safe_load(v))
+    return d
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A config path as given, else relative to the repo's configs/ (``demo`` -> configs/demo.yaml)."""
+    p = Path(path)
+    for cand in (p, CONFIG_DIR / p, CONFIG_DIR / f"{p}.yaml"):
+        if cand.is_file():
+            return cand
+    raise ConfigError(f"config {path}: no such file (also looked in {CONFIG_DIR})")
+
+
+def read_yaml(path: str | Path) -> dict:
+    p = resolve_config_path(path)
+    try:
+        d = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from e
+    if not isinstance(d, dict):
+        raise ConfigError(f"{p}: expected a mapping at the top level")
+    return d
+
+
+def load_job_config(path: str | Path | None = None, overrides: list[str] | None = None) -> JobConfig:
+    d = read_yaml(path) if path else {}
+    d = apply_overrides(d, overrides)
+    return _from_dict(JobConfig, d, str(path or "config"))
+
+
+def dump_job_config(cfg: JobConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,298 @@
+"""Ray at the edge: broadcast the teacher's responses once, one task per neuron, retries, resume.
+
+The driver puts the bank images and the teacher's responses (images x neurons) into the object store
+once; every task reads them zero-copy, compresses one neuron with ``farm.compress`` and logs one
+MLflow child run. Results are handled as they finish (``ray.wait``) with a progress bar. A system
+failure (a killed worker) is retried by Ray; an exception inside a neuron's compression ends that
+neuron's run FAILED with the error as a tag, and the job goes on. Re-running a job skips neurons
+that already have a FINISHED run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from farm.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+
+# -- neuron selection -------------------------------------------------------------------------------
+def parse_neuron_selection(selection: str | Sequence[str], available: Sequence[str]) -> list[str]:
+    """Neuron ids from a selection, in ``available`` order.
+
+    Items are separated by whitespace or ';': ``all``; ``<session>`` or ``<session>:*`` (all of a
+    session); ``<session>:<i>``, ``<session>:<a>-<b>`` (inclusive) or ``<session>:0-3,7``.
+    """
+    if not isinstance(selection, str):
+        selection = " ".join(selection)
+    avail = list(available)
+    by_session: dict[str, list[str]] = {}
+    for nid in avail:
+        by_session.setdefault(nid.split(":", 1)[0], []).append(nid)
+    chosen: set[str] = set()
+    items = [s for s in re.split(r"[\s;]+", selection.strip()) if s]
+    if not items:
+        raise ValueError("neuron selection is empty; use e.g. 'all' or '190923:0-9'")
+    for item in items:
+        if item == "all":
+            chosen.update(avail)
+            continue
+        session, _, spec = item.partition(":")
+        if session not in by_session:
+            raise ValueError(f"neuron selection {item!r}: no session {session!r} among the teacher's "
+                             f"neurons (sessions: {sorted(by_session)})")
+        if spec in ("", "*"):
+            chosen.update(by_session[session])
+            continue
+        for part in spec.split(","):
+            m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+            if not m:
+                raise ValueError(f"neuron selection {item!r}: {part!r} is not an index or a range a-b")
+            a, b = int(m.group(1)), int(m.group(2) or m.group(1))
+            for i in range(a, b + 1):
+                nid = f"{session}:{i}"
+                if nid not in by_session[session]:
+                    raise ValueError(f"neuron selection {item!r}: {nid} is not one of the teacher's "
+                                     f"neurons ({len(by_session[session])} in session {session})")
+                chosen.add(nid)
+    return [n for n in avail if n in chosen]
+
+
+# -- Ray set-up -------------------------------------------------------------------------------------
+def init_ray(address: str | None = None, num_cpus: int | None = None,
+             object_store_memory: int | None = None, env_vars: dict | None = None) -> None:
+    """Connect to a cluster (``address`` or RAY_ADDRESS, e.g. inside a Ray Job) or start local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {"RAY_USAGE_STATS_ENABLED": os.environ.get("RAY_USAGE_STATS_ENABLED", "0"), **(env_vars or {})}
+    env.pop("MLFLOW_RUN_ID", None)  # would override parent_run_id in workers (mlflow#15713)
+    runtime_env = {"env_vars": env}
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        # num_cpus/object_store_memory must not be given when joining a cluster (ecosystem §7.13).
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus, object_store_memory=object_store_memory, include_dashboard=False,
+                 runtime_env=runtime_env, log_to_driver=True)
+
+
+def task_threads() -> int:
+    """Threads for torch in this task: Ray sets OMP_NUM_THREADS to the task's num_cpus."""
+    return max(1, int(float(os.environ.get("OMP_NUM_THREADS", "1"))))
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+# -- the work of one neuron -------------------------------------------------------------------------
+@dataclass
+class NeuronInputs:
+    """What a neuron task needs besides its column index. Arrays are shared through the object store.
+
+    bank_images uint8 (N,H,W,3) and bank_targets float32 (N, n_neurons): distillation pairs.
+    heldout_images / heldout_targets: pruning + evaluation images (never trained on).
+    real: optional per-session real data {"images": (M,H,W,3), "responses": (n_neurons_in_session,
+    M, repeats), "has_repeats": bool, "neuron_ids": [...]} keyed by session id.
+    ground_truth_heldout: optional float32 (n_heldout, n_neurons) true rates (simulated data).
+    """
+
+    neuron_ids: list
+    bank_images: Any
+    bank_targets: Any
+    heldout_images: Any
+    heldout_targets: Any
+    real: dict = field(default_factory=dict)
+    ground_truth_heldout: Any = None
+
+
+def neuron_params(neuron_id: str, compress_cfg: dict, seed: int) -> dict:
+    prune = compress_cfg.get("prune", {}) if isinstance(compress_cfg, dict) else {}
+    return {"neuron_id": neuron_id, "session": neuron_id.split(":", 1)[0],
+            "tau": prune.get("tau", 0.9), "criterion": prune.get("criterion", "reconstruction"),
+            "seed": seed}
+
+
+def result_metrics(result, ground_truth_r2: float | None = None) -> dict:
+    """The per-neuron metrics the issue names, from a CompressionResult."""
+    f = list(result.filters)
+    m = {"param_count": result.param_count, "trainable_params": result.trainable_params,
+         "total_filters": result.total_filters,
+         **{f"filters_layer{i}": k for i, k in enumerate(f)},
+         "r2_teacher_heldout": result.r2_teacher_heldout,
+         "r2_teacher_distilled": getattr(result, "r2_teacher_distilled", None)}
+    for key in ("r2_er", "r2_raw", "r_real"):
+        v = getattr(result, key, None)
+        if v is not None:
+            m[key] = v
+    t = getattr(result, "timings", {}) or {}
+    for key in ("distill_s", "prune_s", "retrain_s"):
+        if key in t:
+            m[key.replace("_s", "_seconds")] = t[key]
+    if ground_truth_r2 is not None:
+        m["r2_ground_truth"] = ground_truth_r2
+    return m
+
+
+def log_result(tracker: Tracker, parent_run_id: str, result, params: dict, metrics: dict,
+               register: bool = False, kind: str = "neuron", run_name: str | None = None,
+               tags: dict | None = None) -> str:
+    """Log one CompressionResult as a child run: model, pruning history (CSV + plot), filter figure."""
+    import csv
+
+    from farm import plots
+
+    model = result.model()
+    with tempfile.TemporaryDirectory() as d:
+        mdir = Path(d) / "model"
+        result.save(mdir)
+        hdir = Path(d) / "history"
+        hdir.mkdir()
+        hist = list(result.history or [])
+        if hist:
+            keys = sorted({k for h in hist for k in h})
+            with open(hdir / "pruning_history.csv", "w", newline="") as fh:
+                w = csv.DictWriter(fh, fieldnames=keys)
+                w.writeheader()
+                w.writerows(hist)
+        figs = [(plots.filter_weights_figure(model, title=f"{result.neuron_id}: filters {tuple(result.filters)}"),
+                 "figures/filter_weights.png")]
+        if hist:
+            figs.append((plots.pruning_history_figure(hist, title=result.neuron_id),
+                         "figures/pruning_history.png"))
+        arts = [(mdir, "model")] + ([(hdir, "history")] if hist else [])
+        try:
+            rid = tracker.log_child(parent_run_id, result.neuron_id, params, metrics, arts, figs,
+                                    kind=kind, run_name=run_name, tags=tags)
+        finally:
+            import matplotlib.pyplot as plt
+
+            for fig, _ in figs:
+                plt.close(fig)
+    if register:
+        tracker.register_model(rid, f"compact-{result.neuron_id.replace(':', '-')}", "model")
+    return rid
+
+
+def compress_and_log(neuron_id: str, inputs: NeuronInputs, compress_cfg: dict, seed: int,
+                     tracker: Tracker, parent_run_id: str, device: str = "auto",
+                     register: bool = False) -> dict:
+    """Compress one neuron and log its child run. Never raises for the neuron's own errors: they
+    end in a FAILED run and a ``{"status": "FAILED"}`` summary (system failures still propagate)."""
+    import torch
+
+    from farm.compress import CompressConfig, RealData, compress_neuron
+    from farm.metrics import r2_raw
+
+    threads = task_threads()
+    torch.set_num_threads(threads)  # workers are reused: fix the pool size per task (ecosystem §5a)
+    params = neuron_params(neuron_id, compress_cfg, seed)
+    # A retried task (worker killed after logging) must not log the neuron twice.
+    if neuron_id in tracker.finished_neurons(parent_run_id):
+        return {"neuron_id": neuron_id, "status": "SKIPPED"}
+    t0 = time.time()
+    try:
+        col = inputs.neuron_ids.index(neuron_id)
+        cfg = CompressConfig.from_dict({**compress_cfg, "seed": seed})
+        real = None
+        session = neuron_id.split(":", 1)[0]
+        rd = (inputs.real or {}).get(session)
+        if rd is not None and neuron_id in rd["neuron_ids"]:
+            row = list(rd["neuron_ids"]).index(neuron_id)
+            real = RealData(images=rd["images"], responses=rd["responses"][row],
+                            has_repeats=bool(rd["has_repeats"]))
+        result = compress_neuron(
+            neuron_id, inputs.bank_images, inputs.bank_targets[:, col], inputs.heldout_images,
+            inputs.heldout_targets[:, col], cfg, real=real, device=resolve_device(device),
+            threads=threads)
+        gt_r2 = None
+        if inputs.ground_truth_heldout is not None:
+            from farm.models.base import CompactTeacher
+
+            pred = CompactTeacher([result.model()], neuron_ids=[neuron_id]).predict(inputs.heldout_images)
+            gt_r2 = float(r2_raw(inputs.ground_truth_heldout[:, col][None], pred[:, 0][None])[0])
+        metrics = result_metrics(result, gt_r2)
+        rid = log_result(tracker, parent_run_id, result, params, metrics, register=register)
+    except Exception as e:  # the neuron failed; the job goes on
+        err = f"{type(e).__name__}: {e}"
+        log.error("neuron %s failed: %s\n%s", neuron_id, err, traceback.format_exc())
+        tracker.log_failed_child(parent_run_id, neuron_id, err + "\n" + traceback.format_exc(), params)
+        return {"neuron_id": neuron_id, "status": "FAILED", "error": err}
+    return {"neuron_id": neuron_id, "status": "FINISHED", "run_id": rid, "seconds": time.time() - t0,
+            **metrics}
+
+
+# -- the job ----------------------------------------------------------------------------------------
+@dataclass
+class JobResult:
+    job_id: str
+    parent_run_id: str
+    rows: list  # one summary dict per neuron (FINISHED rows carry the metrics)
+    skipped: list  # neurons already finished in an earlier run of the job
+
+    @property
+    def failed(self) -> list:
+        return [r for r in self.rows if r.get("status") == "FAILED"]
+
+
+def run_neurons(neurons: Sequence[str], inputs: NeuronInputs, compress_cfg: dict, seed: int,
+                tracker: Tracker, parent_run_id: str, num_cpus: float = 1, num_gpus: float = 0,
+                max_retries: int = 3, device: str = "auto", register: bool = False,
+                progress: bool = True, on_result: Callable[[dict], None] | None = None) -> list[dict]:
+    """One Ray task per neuron over shared inputs; results handled as they finish."""
+    import ray
+    from tqdm import tqdm
+
+    remote = ray.remote(_neuron_task).options(
+        num_cpus=num_cpus, num_gpus=num_gpus, max_retries=max_retries, retry_exceptions=False,
+        name="compress_neuron")
+    # Every array goes into the object store once; as top-level task arguments Ray hands them to
+    # each task zero-copy (numpy arrays are read straight from shared memory).
+    refs = [ray.put(a) for a in (inputs.bank_images, inputs.bank_targets, inputs.heldout_images,
+                                 inputs.heldout_targets, inputs.real or {}, inputs.ground_truth_heldout)]
+    ids = list(inputs.neuron_ids)
+    pending = {remote.remote(n, ids, *refs, compress_cfg, seed, tracker, parent_run_id, device, register): n
+               for n in neurons}
+    rows = []
+    bar = tqdm(total=len(pending), desc="neurons", unit="neuron", disable=not progress, dynamic_ncols=True)
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        for ref in done:
+            nid = pending.pop(ref)
+            try:
+                row = ray.get(ref)
+            except Exception as e:  # retries exhausted (e.g. the worker died every time)
+                err = f"{type(e).__name__}: {e}"
+                tracker.log_failed_child(parent_run_id, nid, err, neuron_params(nid, compress_cfg, seed))
+                row = {"neuron_id": nid, "status": "FAILED", "error": err}
+            rows.append(row)
+            if on_result:
+                on_result(row)
+            bar.set_postfix_str(f"{nid} {row['status']}")
+            bar.update(1)
+    bar.close()
+    return rows
+
+
+def _neuron_task(neuron_id, neuron_ids, bank_images, bank_targets, heldout_images, heldout_targets,
+                 real, ground_truth_heldout, compress_cfg, seed, tracker, parent_run_id, device, register):
+    inputs = NeuronInputs(neuron_ids, bank_images, bank_targets, heldout_images, heldout_targets,
+                          real, ground_truth_heldout)
+    return compress_and_log(neuron_id, inputs, compress_cfg, seed, tracker, parent_run_id, device, register)

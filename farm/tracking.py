@@ -1,0 +1,231 @@
+"""MLflow at the edge: one experiment per project, a parent run per job, a child run per neuron.
+
+Every process (driver, Ray worker, Tune trial) talks to MLflow through an explicit tracking URI
+(never the per-working-directory default: ecosystem.md §7.1) with the client API, which keeps no
+global state. Models are logged as ``spec.json`` + ``state_dict.pt`` artifacts, loadable with
+``torch.load(weights_only=True)``; never as pickled MLflow models.
+
+Idempotence: a job is identified by its ``job_id`` tag. Re-running a job finds its parent run,
+skips neurons that already have a FINISHED child run and redoes FAILED or missing ones. Child runs
+are created only once a neuron's computation is over, so a killed worker leaves at most a RUNNING
+run behind, which the next run of the job marks KILLED.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+log = logging.getLogger(__name__)
+
+TAG_JOB = "farm.job_id"
+TAG_KIND = "farm.kind"  # "job" | "neuron" | "sweep" | "trial" | "teacher" | "analysis"
+TAG_NEURON = "farm.neuron_id"
+TAG_ERROR = "farm.error"
+TAG_PARENT = "mlflow.parentRunId"
+
+
+def default_tracking_uri(base_dir: str | os.PathLike | None = None) -> str:
+    """An absolute sqlite URI: ``sqlite:///<base_dir or cwd>/mlflow.db``."""
+    base = Path(base_dir or os.getcwd()).resolve()
+    return f"sqlite:///{base / 'mlflow.db'}"
+
+
+def ui_command(uri: str, port: int = 5000) -> str:
+    """The command that opens the MLflow UI for ``uri`` on 127.0.0.1 (small-machine settings)."""
+    if uri.startswith("http"):
+        return f"open {uri} in a browser (through an SSH tunnel on clusters)"
+    art = ""
+    if uri.startswith("sqlite:///"):
+        art = f" --artifacts-destination {Path(uri[len('sqlite:///'):]).parent / 'mlartifacts'}"
+    return (f"MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow server --host 127.0.0.1 --port {port} "
+            f"--workers 1 --backend-store-uri {uri}{art}")
+
+
+def _client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def _flat(prefix: str, d: Mapping[str, Any]) -> dict[str, str]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(_flat(key + ".", v))
+        else:
+            out[key] = json.dumps(v) if isinstance(v, (list, tuple)) else str(v)
+    return out
+
+
+@dataclass
+class Tracker:
+    """A picklable handle (URI + experiment id) that any process can log through."""
+
+    uri: str
+    experiment_id: str
+    experiment_name: str
+
+    @classmethod
+    def open(cls, uri: str | None = None, experiment: str = "farm") -> "Tracker":
+        """Create the store and experiment from the driver (schema migration once, ecosystem §7.5)."""
+        uri = uri or default_tracking_uri()
+        client = _client(uri)
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            artifact_location = None
+            if uri.startswith("sqlite:///"):
+                # Resolved here, not in whichever worker first logs (ecosystem.md §7.3).
+                artifact_location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
+            try:
+                exp_id = client.create_experiment(experiment, artifact_location=artifact_location)
+            except Exception:  # created concurrently by another driver
+                exp = client.get_experiment_by_name(experiment)
+                if exp is None:
+                    raise
+                exp_id = exp.experiment_id
+        else:
+            exp_id = exp.experiment_id
+        return cls(uri=uri, experiment_id=exp_id, experiment_name=experiment)
+
+    @property
+    def client(self):
+        return _client(self.uri)
+
+    # -- job (parent) runs ------------------------------------------------------------------------
+    def start_job(self, job_id: str, params: Mapping[str, Any] | None = None,
+                  tags: Mapping[str, str] | None = None, kind: str = "job") -> str:
+        """The parent run of ``job_id``: reused when the job ran before, else created. Returns its id."""
+        client = self.client
+        found = client.search_runs([self.experiment_id],
+                                   filter_string=f"tags.`{TAG_JOB}` = '{job_id}' and tags.`{TAG_KIND}` = '{kind}'",
+                                   max_results=1, order_by=["attributes.start_time ASC"])
+        if found:
+            run_id = found[0].info.run_id
+            client.update_run(run_id, status="RUNNING")
+            return run_id
+        run = client.create_run(self.experiment_id, run_name=f"{kind}-{job_id}",
+                                tags={TAG_JOB: job_id, TAG_KIND: kind, **(tags or {})})
+        if params:
+            self.log_params(run.info.run_id, params)
+        return run.info.run_id
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
+
+    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        flat = _flat("", params)
+        existing = self.client.get_run(run_id).data.params
+        new = [Param(k, v[:6000]) for k, v in flat.items() if k not in existing]
+        for i in range(0, len(new), 100):
+            self.client.log_batch(run_id, params=new[i:i + 100])
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        ms = [Metric(k, float(v), now, step) for k, v in metrics.items()
+              if v is not None and math.isfinite(float(v))]
+        if ms:
+            self.client.log_batch(run_id, metrics=ms)
+
+    def log_artifacts(self, run_id: str, local_dir: str | os.PathLike, artifact_path: str | None = None):
+        self.client.log_artifacts(run_id, str(local_dir), artifact_path)
+
+    def log_figure(self, run_id: str, fig, name: str) -> None:
+        """Save a matplotlib figure as a PNG artifact ``name`` (e.g. "figures/history.png")."""
+        with tempfile.TemporaryDirectory() as d:
+            path = Path(d) / Path(name).name
+            fig.savefig(path, dpi=110, bbox_inches="tight")
+            parent = str(Path(name).parent) if str(Path(name).parent) != "." else None
+            self.client.log_artifact(run_id, str(path), parent)
+
+    # -- child runs -----------------------------------------------------------------------------
+    def child_runs(self, parent_run_id: str, kind: str | None = None) -> list:
+        filt = f"tags.`{TAG_PARENT}` = '{parent_run_id}'"
+        if kind:
+            filt += f" and tags.`{TAG_KIND}` = '{kind}'"
+        runs, token = [], None
+        while True:
+            page = self.client.search_runs([self.experiment_id], filter_string=filt,
+                                           max_results=1000, page_token=token)
+            runs.extend(page)
+            token = page.token
+            if not token:
+                return runs
+
+    def finished_neurons(self, parent_run_id: str, kind: str = "neuron") -> dict[str, str]:
+        """neuron id -> run id of its FINISHED child run. Stale RUNNING children are marked KILLED."""
+        done = {}
+        for run in self.child_runs(parent_run_id, kind):
+            nid = run.data.tags.get(TAG_NEURON)
+            if run.info.status == "FINISHED" and nid:
+                done[nid] = run.info.run_id
+            elif run.info.status == "RUNNING":
+                self.client.set_terminated(run.info.run_id, status="KILLED")
+        return done
+
+    def log_child(self, parent_run_id: str, neuron_id: str, params: Mapping[str, Any],
+                  metrics: Mapping[str, float], artifacts: Iterable[tuple[str | os.PathLike, str]] = (),
+                  figures: Iterable[tuple[Any, str]] = (), kind: str = "neuron",
+                  run_name: str | None = None, tags: Mapping[str, str] | None = None) -> str:
+        """One complete child run (params, metrics, artifact folders, figures), then FINISHED.
+
+        ``artifacts``: (local_dir, artifact_path) pairs. Returns the run id. On any logging error
+        the run is marked FAILED and the error re-raised.
+        """
+        parent = self.client.get_run(parent_run_id)
+        job_id = parent.data.tags.get(TAG_JOB, "")
+        run = self.client.create_run(
+            self.experiment_id, run_name=run_name or f"{kind}-{neuron_id}",
+            tags={TAG_PARENT: parent_run_id, TAG_KIND: kind, TAG_NEURON: neuron_id, TAG_JOB: job_id,
+                  **(tags or {})})
+        rid = run.info.run_id
+        try:
+            self.log_params(rid, params)
+            self.log_metrics(rid, metrics)
+            for local_dir, path in artifacts:
+                self.log_artifacts(rid, local_dir, path)
+            for fig, name in figures:
+                self.log_figure(rid, fig, name)
+        except BaseException:
+            self.client.set_terminated(rid, status="FAILED")
+            raise
+        self.client.set_terminated(rid, status="FINISHED")
+        return rid
+
+    def log_failed_child(self, parent_run_id: str, neuron_id: str, error: str,
+                         params: Mapping[str, Any] | None = None, kind: str = "neuron") -> str:
+        """A FAILED child run carrying the error as a tag (the job goes on)."""
+        parent = self.client.get_run(parent_run_id)
+        run = self.client.create_run(
+            self.experiment_id, run_name=f"{kind}-{neuron_id}",
+            tags={TAG_PARENT: parent_run_id, TAG_KIND: kind, TAG_NEURON: neuron_id,
+                  TAG_JOB: parent.data.tags.get(TAG_JOB, ""), TAG_ERROR: error[:4900]})
+        if params:
+            self.log_params(run.info.run_id, params)
+        self.client.set_terminated(run.info.run_id, status="FAILED")
+        return run.info.run_id
+
+    def register_model(self, run_id: str, name: str, artifact_path: str = "model") -> str:
+        """Register a logged spec + state_dict folder as a model version (optional)."""
+        client = self.client
+        try:
+            client.create_registered_model(name)
+        except Exception:  # already registered
+            pass
+        mv = client.create_model_version(name, source=f"runs:/{run_id}/{artifact_path}", run_id=run_id)
+        return mv.version
+
+    def download(self, run_id: str, artifact_path: str, dst: str | os.PathLike) -> Path:
+        return Path(self.client.download_artifacts(run_id, artifact_path, str(dst)))
