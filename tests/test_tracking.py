@@ -1,0 +1,42 @@
+"""MLflow tracking with a real sqlite store: parent/child runs, idempotence, failures, artifacts."""
+
+import torch
+
+from farm.models.compact import CompactSpec, build_compact, load_compact, save_compact
+from farm.tracking import TAG_ERROR, Tracker, default_tracking_uri, ui_command
+
+
+def test_job_parent_is_reused_and_children_are_tracked(tmp_path):
+    tr = Tracker.open(default_tracking_uri(tmp_path), "t")
+    assert tr.uri == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    parent = tr.start_job("job-1", params={"a": 1, "nested": {"b": [1, 2]}})
+    assert tr.start_job("job-1") == parent  # a re-run finds its parent run
+    assert tr.start_job("job-2") != parent
+    assert tr.client.get_run(parent).data.params == {"a": "1", "nested.b": "[1, 2]"}
+
+    m = build_compact(CompactSpec(filters=(3,) * 5, image_size=16, neuron_ids=("s:0",)), seed=0)
+    save_compact(m, tmp_path / "m")
+    rid = tr.log_child(parent, "s:0", {"tau": 0.9}, {"param_count": m.param_count(), "bad": float("nan")},
+                       artifacts=[(tmp_path / "m", "model")])
+    tr.log_failed_child(parent, "s:1", "ValueError: boom")
+    # A RUNNING child left by a killed worker is not finished, and gets marked KILLED.
+    stale = tr.client.create_run(tr.experiment_id, tags={"mlflow.parentRunId": parent,
+                                                         "farm.kind": "neuron", "farm.neuron_id": "s:2"})
+    assert tr.finished_neurons(parent) == {"s:0": rid}
+    assert tr.client.get_run(stale.info.run_id).info.status == "KILLED"
+
+    runs = {r.data.tags["farm.neuron_id"]: r for r in tr.child_runs(parent)}
+    assert runs["s:1"].info.status == "FAILED" and "boom" in runs["s:1"].data.tags[TAG_ERROR]
+    assert runs["s:0"].data.metrics["param_count"] == m.param_count()
+    assert "bad" not in runs["s:0"].data.metrics  # non-finite metrics are not logged
+
+    local = tr.download(rid, "model", tmp_path / "dl")
+    loaded = load_compact(local)  # spec.json + state_dict.pt, weights_only=True
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(loaded(x), m.eval()(x))
+
+
+def test_ui_command_names_loopback_and_store(tmp_path):
+    uri = default_tracking_uri(tmp_path)
+    cmd = ui_command(uri)
+    assert "--host 127.0.0.1" in cmd and uri in cmd and "mlartifacts" in cmd
