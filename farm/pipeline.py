@@ -1,0 +1,494 @@
+"""The jobs: data -> teacher -> image bank -> teacher responses -> compress (Ray) / sweep (Tune).
+
+Every stage writes its output under the job's ``out_dir`` and reuses it on the next run (the
+simulated population, the trained teacher, the bank, the teacher-response table, distilled models),
+so a re-run after a crash only redoes what is missing. MLflow and Ray are touched only through
+``farm.tracking``, ``farm.farm`` and ``farm.sweep``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from farm.config import JobConfig, load_job_config, read_yaml, resolve_config_path
+from farm.farm import JobResult, NeuronInputs, init_ray, parse_neuron_selection, run_neurons
+from farm.tracking import Tracker, default_tracking_uri, ui_command
+
+log = logging.getLogger(__name__)
+
+
+def code_version() -> str:
+    """The git commit of the farm checkout (plus "-dirty"), or the package version."""
+    import farm
+
+    here = Path(__file__).resolve().parents[1]
+    try:
+        sha = subprocess.run(["git", "-C", str(here), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        if sha:
+            return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return farm.__version__
+
+
+# -- stage 1: sessions ------------------------------------------------------------------------------
+def prepare_sessions(cfg: JobConfig):
+    """Sessions (and the simulated ground truth, if any) for the job. Returns (sessions, truth, dir)."""
+    from farm.data.sessions import list_sessions, read_sessions
+
+    d = Path(cfg.data.dir)
+    kind = cfg.data.kind
+    truth = None
+    if kind == "simulated":
+        from farm.data.simulate import (SimulationConfig, load_ground_truth, simulate_population,
+                                        write_population)
+
+        if not (d / "population.json").is_file():
+            sim = SimulationConfig.from_dict({"seed": cfg.seed, **cfg.data.simulate})
+            log.info("simulating %d sessions x %d neurons x %d images (%d px) into %s",
+                     sim.n_sessions, sim.n_neurons, sim.n_images, sim.image_size, d)
+            write_population(simulate_population(sim), d)
+        truth = load_ground_truth(d)
+        sessions_dir = d / "sessions"
+    elif kind == "v4":
+        from farm.data.v4release import import_v4_release
+
+        if not (d.is_dir() and list_sessions(d)):
+            if not cfg.data.source:
+                raise ValueError("data.source: the V4 release folder is needed to import (data.kind: v4)")
+            import_v4_release(cfg.data.source, d)
+        sessions_dir = d
+    elif kind == "sessions":
+        sessions_dir = d
+    else:
+        raise ValueError(f"data.kind must be simulated, v4 or sessions, got {kind!r}")
+    sessions = read_sessions(sessions_dir)
+    if not sessions:
+        raise FileNotFoundError(f"{sessions_dir}: no sessions (*.parquet)")
+    return sessions, truth, sessions_dir
+
+
+# -- stage 2: teacher -------------------------------------------------------------------------------
+def prepare_teacher(cfg: JobConfig, sessions, truth, sessions_dir: Path, tracker: Tracker | None = None):
+    """The teacher (a farm.models.base.Teacher) and a dict describing it."""
+    t = cfg.teacher
+    out = Path(cfg.out_dir)
+    if t.kind == "ground_truth":
+        if truth is None:
+            raise ValueError("teacher.kind ground_truth needs simulated data (data.kind: simulated)")
+        ids = [n for s in sessions if s.session_id == (t.session or _test_session(sessions)) for n in s.neuron_ids]
+        teacher = truth.subset(ids)
+        return teacher, {"kind": "ground_truth", "teacher_id": f"truth-{Path(cfg.data.dir).name}",
+                         "pretrained": None}
+    if t.kind == "shared_compact":
+        from farm.models.published import shared_compact_teacher
+
+        teacher = shared_compact_teacher(t.path, sessions=[t.session] if t.session else None)
+        return teacher, {"kind": "shared_compact", "path": str(t.path), "pretrained": None,
+                         "teacher_id": f"shared-{Path(t.path).stem}-{t.session or 'all'}"}
+    if t.kind == "published_compact":
+        from farm.models.published import published_compact_teacher
+
+        teacher = published_compact_teacher(t.path, t.session or "190923")
+        return teacher, {"kind": "published_compact", "path": str(t.path), "pretrained": None,
+                         "teacher_id": f"published-{t.session or '190923'}"}
+    from farm.teacher import EnsembleTeacher, run_teacher_training
+
+    tdir = Path(t.path) if t.path else out / "teacher"
+    if t.kind == "saved" or (tdir / "teacher" / "teacher.json").is_file() or (tdir / "teacher.json").is_file():
+        src = tdir / "teacher" if (tdir / "teacher" / "teacher.json").is_file() else tdir
+        teacher = EnsembleTeacher.load(src)
+        report = json.loads((tdir / "report.json").read_text()) if (tdir / "report.json").is_file() else {}
+    elif t.kind == "ensemble":
+        tconf = t.config
+        if isinstance(tconf, str):
+            tconf = read_yaml(resolve_config_path(tconf))
+        tconf = dict(tconf or {})
+        tconf = tconf.get("teacher", tconf)
+        if t.session:
+            tconf["test_session"] = t.session
+        log.info("training the teacher (deep ensemble) on %s", sessions_dir)
+
+        def cb(event, info):
+            log.info("teacher %s: %s", event, {k: v for k, v in info.items() if not isinstance(v, (list, dict))})
+
+        teacher, report = run_teacher_training(tconf, sessions_dir, tdir, callback=cb)
+    else:
+        raise ValueError(f"teacher.kind must be ensemble, saved, shared_compact, published_compact or "
+                         f"ground_truth, got {t.kind!r}")
+    info = {"kind": "ensemble", "path": str(tdir), "teacher_id": teacher.teacher_id,
+            "pretrained": teacher.pretrained, **{k: v for k, v in report.items()
+                                                 if k.startswith(("test_median", "ground_truth_median"))}}
+    return teacher, info
+
+
+def _test_session(sessions) -> str:
+    tests = [s.session_id for s in sessions if s.role == "test"]
+    if not tests:
+        raise ValueError("no session has role 'test'; name one with teacher.session")
+    return tests[0]
+
+
+# -- stage 3: image bank + teacher responses --------------------------------------------------------
+def prepare_bank(cfg: JobConfig, sessions, exclude: set[str], image_size: int):
+    """The distillation bank, built from the images of sessions with ``bank.source_roles``, never
+    from the sessions in ``exclude`` (the neurons' own sessions, whose images evaluate them)."""
+    from farm.data.images import BankConfig, ImageBank, build_bank
+
+    bdir = Path(cfg.bank.dir) if cfg.bank.dir else Path(cfg.out_dir) / "bank"
+    if (bdir / "bank.json").is_file():
+        return ImageBank(bdir)
+    sources = [s.images for s in sessions if s.role in cfg.bank.source_roles
+               and s.session_id not in exclude and s.images_available and s.images.size]
+    bconf = BankConfig.from_dict({"image_size": image_size, "seed": cfg.seed, **cfg.bank.bank})
+    if not sources and bconf.proportions.get("natural", 0) > 0:
+        raise ValueError(f"bank: no source images in sessions with roles {cfg.bank.source_roles} "
+                         f"(excluding {sorted(exclude)}); set bank.bank.proportions without 'natural'")
+    log.info("building image bank: %d images (%d px) from %d sessions -> %s", bconf.n_images,
+             bconf.image_size, len(sources), bdir)
+    return build_bank(sources or None, bconf, bdir)
+
+
+@dataclass
+class PreparedJob:
+    inputs: NeuronInputs
+    teacher_info: dict
+    bank_id: str
+    neuron_ids: list  # the teacher's neurons (columns of the response table)
+    truth_filters: dict = field(default_factory=dict)  # neuron id -> true filter count (simulated)
+    teacher_real_r2: dict = field(default_factory=dict)  # neuron id -> the teacher's R² on real data
+
+
+def prepare_job(cfg: JobConfig, tracker: Tracker | None = None) -> PreparedJob:
+    from farm.distill import compute_teacher_responses, split_heldout
+    from farm.metrics import evaluate_predictions
+
+    sessions, truth, sessions_dir = prepare_sessions(cfg)
+    teacher, tinfo = prepare_teacher(cfg, sessions, truth, sessions_dir, tracker)
+    neuron_sessions = {n.split(":", 1)[0] for n in teacher.neuron_ids}
+    image_size = next(s.images.shape[1] for s in sessions if s.images.size)
+    bank = prepare_bank(cfg, sessions, neuron_sessions, image_size)
+    resp = compute_teacher_responses(teacher, bank, cache_dir=Path(cfg.out_dir) / "responses",
+                                     teacher_id=tinfo["teacher_id"])
+    images = bank.load_all()[1]
+    if not np.array_equal(resp.image_ids, np.arange(len(images))):
+        order = np.argsort(resp.image_ids)
+        images = images[resp.image_ids[order]]
+        targets = resp.responses[order]
+    else:
+        targets = resp.responses
+    n_held = min(cfg.bank.heldout, len(images) // 2)
+    train_idx, held_idx = split_heldout(len(images), n_held, cfg.seed)
+    real, teacher_r2 = {}, {}
+    for s in sessions:
+        if s.session_id in neuron_sessions and s.images_available and s.images.size:
+            second = s.halves()[1]  # method.md §1.6: the second half evaluates
+            real[s.session_id] = {"images": second.images, "responses": second.responses,
+                                  "has_repeats": bool(s.has_repeats), "neuron_ids": list(s.neuron_ids)}
+            cols = [list(teacher.neuron_ids).index(n) for n in s.neuron_ids if n in teacher.neuron_ids]
+            rows = [i for i, n in enumerate(s.neuron_ids) if n in teacher.neuron_ids]
+            pred = teacher.predict(second.images)[:, cols].T
+            ev = evaluate_predictions(second.responses[rows], pred, s.has_repeats)
+            key = "r2_er" if s.has_repeats else "r2_raw"
+            for j, i in enumerate(rows):
+                teacher_r2[s.neuron_ids[i]] = float(ev[key][j])
+    gt = None
+    filters = {}
+    if truth is not None:
+        sub = truth.subset(list(teacher.neuron_ids))
+        gt = sub.predict(images[held_idx])
+        filters = sub.filter_counts
+    inputs = NeuronInputs(list(teacher.neuron_ids), images[train_idx], targets[train_idx],
+                          images[held_idx], targets[held_idx], real, gt)
+    return PreparedJob(inputs, tinfo, resp.bank_id, list(teacher.neuron_ids), filters, teacher_r2)
+
+
+# -- the jobs ---------------------------------------------------------------------------------------
+def _tracker(cfg: JobConfig) -> Tracker:
+    uri = cfg.tracking.uri or default_tracking_uri(Path(cfg.out_dir).resolve().parent)
+    return Tracker.open(uri, cfg.tracking.experiment)
+
+
+def _init_ray(cfg: JobConfig, tracker: Tracker) -> None:
+    init_ray(cfg.farm.address, cfg.farm.local_num_cpus, cfg.farm.object_store_memory,
+             env_vars={"MLFLOW_TRACKING_URI": tracker.uri})
+
+
+def run_compress_job(cfg: JobConfig, progress: bool = True, prepared: PreparedJob | None = None) -> JobResult:
+    """Compress the selected neurons of the teacher: one Ray task and one MLflow child run each."""
+    from farm import plots
+
+    t0 = time.time()
+    Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+    tracker = _tracker(cfg)
+    prepared = prepared or prepare_job(cfg, tracker)
+    neurons = parse_neuron_selection(cfg.neurons, prepared.neuron_ids)
+    job_id = cfg.resolved_job_id()
+    parent = tracker.start_job(job_id, params=_job_params(cfg, prepared),
+                               tags=_job_tags(cfg, prepared))
+    done = tracker.finished_neurons(parent)
+    todo = [n for n in neurons if n not in done]
+    log.info("job %s: %d neurons selected, %d already finished, %d to compress", job_id, len(neurons),
+             len(neurons) - len(todo), len(todo))
+    _init_ray(cfg, tracker)
+    rows = run_neurons(todo, prepared.inputs, cfg.compress, cfg.seed, tracker, parent,
+                       num_cpus=cfg.farm.num_cpus, num_gpus=cfg.farm.num_gpus,
+                       max_retries=cfg.farm.max_retries, device=cfg.farm.device,
+                       register=cfg.tracking.register_models, progress=progress) if todo else []
+    # Job-level figures over every finished neuron (this run's and earlier runs').
+    finished = [r for r in tracker.child_runs(parent, "neuron") if r.info.status == "FINISHED"]
+    summary = [_row_from_run(r, prepared) for r in finished]
+    summary = [s for s in summary if s["neuron_id"] in set(neurons)]
+    if summary:
+        _log_job_figures(tracker, parent, summary, plots)
+        import statistics
+
+        tracker.log_metrics(parent, {
+            "neurons_finished": len(summary),
+            "neurons_failed": sum(r.get("status") == "FAILED" for r in rows),
+            "median_param_count": statistics.median(s["param_count"] for s in summary),
+            "median_r2_teacher_heldout": statistics.median(s["r2_teacher_heldout"] for s in summary),
+            "job_seconds": time.time() - t0})
+    tracker.end_run(parent, "FINISHED")
+    result = JobResult(job_id, parent, rows, sorted(done))
+    result.summary = sorted(summary, key=lambda s: _neuron_key(s["neuron_id"]))
+    result.tracking_uri = tracker.uri
+    _write_summary(Path(cfg.out_dir) / "summary.json", result)
+    if progress:
+        print_summary(result.summary, title=f"job {job_id}")
+    return result
+
+
+def run_sweep_job(cfg: JobConfig, progress: bool = True, prepared: PreparedJob | None = None):
+    """Tune sweep of pruning thresholds for ``cfg.sweep.neurons`` (default: the first 2 selected)."""
+    from farm.sweep import run_sweep
+
+    Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+    tracker = _tracker(cfg)
+    prepared = prepared or prepare_job(cfg, tracker)
+    sel = cfg.sweep.neurons or cfg.neurons
+    neurons = parse_neuron_selection(sel, prepared.neuron_ids)
+    if not cfg.sweep.neurons:
+        neurons = neurons[:2]
+    job_id = cfg.resolved_job_id() + "-sweep"
+    parent = tracker.start_job(job_id, params={**_job_params(cfg, prepared), "sweep": cfg.sweep.__dict__},
+                               tags=_job_tags(cfg, prepared), kind="sweep")
+    _init_ray(cfg, tracker)
+    results = run_sweep(neurons, prepared.inputs, cfg.compress, cfg.sweep.taus, cfg.sweep.criteria, tracker,
+                        parent, storage_path=str(Path(cfg.out_dir).resolve() / "tune"), name=job_id,
+                        seed=cfg.seed, eps=cfg.sweep.eps, search=cfg.sweep.search,
+                        num_samples=cfg.sweep.num_samples, max_concurrent=cfg.sweep.max_concurrent,
+                        max_failures=cfg.sweep.max_failures, num_cpus=cfg.farm.num_cpus,
+                        num_gpus=cfg.farm.num_gpus, device=cfg.farm.device, progress=progress)
+    tracker.end_run(parent, "FINISHED")
+    if progress:
+        print("\nsweep (per neuron: trials, Pareto front, chosen = smallest with R² >= "
+              f"(1 - {cfg.sweep.eps}) x distilled):")
+        for r in results:
+            print(f"  {r.neuron_id}: distilled R² {r.r2_teacher_distilled:.3f}")
+            for i, t in enumerate(r.trials):
+                mark = ("*" if i == r.chosen else " ") + ("P" if i in r.front else " ")
+                print(f"    {mark} {t['criterion']:<14} tau={t['tau']:.2f} params={t['param_count']:>7} "
+                      f"R²={t['r2_teacher_heldout']:.3f}")
+    return results
+
+
+def run_demo(out_dir: str = "farm_runs/demo", overrides: list[str] | None = None) -> JobResult:
+    """The embedded default: simulate -> small teacher -> compress one session -> sweep 2 neurons."""
+    t0 = time.time()
+    cfg = load_job_config("demo", [f"out_dir={out_dir}", f"data.dir={Path(out_dir) / 'data'}",
+                                   *(overrides or [])])
+    tracker = _tracker(cfg)
+    prepared = prepare_job(cfg, tracker)
+    result = run_compress_job(cfg, progress=True, prepared=prepared)
+    run_sweep_job(cfg, progress=True, prepared=prepared)
+    print(f"\ndemo finished in {time.time() - t0:.0f} s. Browse the runs in the MLflow UI:\n  "
+          f"{ui_command(tracker.uri)}\nthen open http://127.0.0.1:5000")
+    return result
+
+
+# -- reporting --------------------------------------------------------------------------------------
+def _neuron_key(nid: str):
+    s, _, i = nid.partition(":")
+    return (s, int(i) if i.isdigit() else i)
+
+
+def _job_params(cfg: JobConfig, prepared: PreparedJob) -> dict:
+    return {"config": json.dumps(cfg.to_dict(), default=str), "teacher_id": prepared.teacher_info["teacher_id"],
+            "teacher_kind": prepared.teacher_info["kind"], "bank_id": prepared.bank_id,
+            "code_version": code_version(), "n_bank_images": len(prepared.inputs.bank_images),
+            "n_heldout_images": len(prepared.inputs.heldout_images)}
+
+
+def _job_tags(cfg: JobConfig, prepared: PreparedJob) -> dict:
+    tags = {"farm.teacher_id": str(prepared.teacher_info["teacher_id"]), "farm.bank_id": prepared.bank_id,
+            "farm.code_version": code_version()}
+    if prepared.teacher_info.get("pretrained") is not None:
+        tags["farm.teacher_pretrained"] = str(prepared.teacher_info["pretrained"]).lower()
+    return tags
+
+
+def _row_from_run(run, prepared: PreparedJob) -> dict:
+    m = run.data.metrics
+    nid = run.data.tags["farm.neuron_id"]
+    row = {"neuron_id": nid, "run_id": run.info.run_id,
+           "param_count": int(m.get("param_count", 0)), "total_filters": int(m.get("total_filters", 0)),
+           "filters": [int(m.get(f"filters_layer{i}", 0)) for i in range(5)],
+           "r2_teacher_heldout": m.get("r2_teacher_heldout", float("nan"))}
+    for k in ("r2_ground_truth", "r2_er", "r2_raw", "r2_teacher_distilled"):
+        if k in m:
+            row[k] = m[k]
+    if nid in prepared.teacher_real_r2:
+        row["teacher_real_r2"] = prepared.teacher_real_r2[nid]
+    if nid in prepared.truth_filters:
+        row["true_filters"] = prepared.truth_filters[nid]
+    return row
+
+
+def _log_job_figures(tracker: Tracker, parent: str, summary: list, plots) -> None:
+    import matplotlib.pyplot as plt
+
+    figs = [(plots.params_histogram_figure([s["param_count"] for s in summary]), "figures/params_histogram.png"),
+            (plots.filters_per_layer_figure([s["filters"] for s in summary]), "figures/filters_per_layer.png")]
+    real_key = "r2_er" if any("r2_er" in s for s in summary) else "r2_raw"
+    pairs = [(s["teacher_real_r2"], s[real_key]) for s in summary if "teacher_real_r2" in s and real_key in s]
+    if pairs:
+        x, y = zip(*pairs)
+        figs.append((plots.r2_scatter_figure(x, y, f"teacher {real_key}", f"compact {real_key}"),
+                     "figures/compact_vs_teacher_r2.png"))
+    for fig, name in figs:
+        tracker.log_figure(parent, fig, name)
+        plt.close(fig)
+
+
+def _write_summary(path: Path, result: JobResult) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"job_id": result.job_id, "parent_run_id": result.parent_run_id,
+                               "tracking_uri": result.tracking_uri, "neurons": result.summary,
+                               "failed": result.failed}, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def print_summary(summary: list, title: str = "") -> None:
+    real = "r2_er" if any("r2_er" in s for s in summary) else ("r2_raw" if any("r2_raw" in s for s in summary) else None)
+    gt = any("r2_ground_truth" in s for s in summary)
+    head = f"{'neuron':<12} {'params':>8} {'filters':>7} {'K0..K4':<20} {'R² teacher':>10}"
+    if gt:
+        head += f" {'R² truth':>9} {'true filt':>9}"
+    if real:
+        head += f" {real + ' (data)':>14}"
+    print(f"\n{title}\n{head}\n{'-' * len(head)}")
+    for s in summary:
+        line = (f"{s['neuron_id']:<12} {s['param_count']:>8,} {s['total_filters']:>7} "
+                f"{str(tuple(s['filters'])):<20} {s['r2_teacher_heldout']:>10.3f}")
+        if gt:
+            line += f" {s.get('r2_ground_truth', float('nan')):>9.3f} {s.get('true_filters', '-'):>9}"
+        if real:
+            line += f" {s.get(real, float('nan')):>14.3f}"
+        print(line)
+    if summary:
+        print(f"median parameters: {int(np.median([s['param_count'] for s in summary])):,}; "
+              f"median R² to teacher: {np.median([s['r2_teacher_heldout'] for s in summary]):.3f}")
+
+
+# -- CLI helpers for `farm teacher` and `farm analyze` ----------------------------------------------
+def teacher_command(args) -> int:
+    from farm.teacher import EnsembleTeacher, evaluate_teacher, run_teacher_training
+
+    if args.teacher_cmd == "train":
+        tracker = Tracker.open(args.tracking_uri or default_tracking_uri(), args.experiment)
+        cfgd = read_yaml(args.config)
+        run = tracker.start_job(f"teacher-{Path(args.out).resolve().name}-{int(time.time())}",
+                                params={"config": json.dumps(cfgd, default=str)}, kind="teacher")
+        step = {"n": 0}
+
+        def cb(event, info):
+            nums = {f"{event}.{k}": v for k, v in info.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            tracker.log_metrics(run, nums, step=step["n"])
+            step["n"] += 1
+            print(f"[teacher] {event}: " + ", ".join(f"{k}={v:.4g}" for k, v in nums.items()))
+
+        teacher, report = run_teacher_training(cfgd, args.data, args.out, callback=cb)
+        tracker.client.set_tag(run, "farm.teacher_pretrained", str(teacher.pretrained).lower())
+        if not teacher.pretrained:
+            tracker.client.set_tag(run, "farm.warning", "random-init backbone: no ImageNet weights file given")
+        tracker.log_artifacts(run, Path(args.out), "teacher")
+        tracker.end_run(run)
+        print(json.dumps({k: v for k, v in report.items() if not isinstance(v, (list, dict))}, indent=2))
+        return 0
+    if args.teacher_cmd == "import":
+        from farm.models.published import published_compact_teacher, shared_compact_teacher
+
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        t = (shared_compact_teacher(args.path, sessions=[args.session] if args.session else None)
+             if args.kind == "shared_compact" else published_compact_teacher(args.path, args.session or "190923"))
+        ref = {"kind": args.kind, "path": str(Path(args.path).resolve()), "session": args.session,
+               "neuron_ids": list(t.neuron_ids)}
+        (out / "teacher_ref.json").write_text(json.dumps(ref, indent=2))
+        print(f"teacher reference ({len(t.neuron_ids)} neurons) -> {out / 'teacher_ref.json'}")
+        return 0
+    teacher = _load_any_teacher(args.teacher)
+    if args.teacher_cmd == "evaluate":
+        from farm.data.sessions import read_session
+
+        s = read_session(args.session)
+        print(json.dumps(evaluate_teacher(teacher, s, "second"), indent=2, default=float))
+        return 0
+    if args.teacher_cmd == "predict":
+        images = np.load(args.images)
+        np.save(args.out, teacher.predict(images))
+        print(f"{images.shape[0]} images x {len(teacher.neuron_ids)} neurons -> {args.out}")
+        return 0
+    raise ValueError(f"unknown teacher command {args.teacher_cmd}")
+
+
+def _load_any_teacher(path: str):
+    p = Path(path)
+    if (p / "teacher_ref.json").is_file():
+        from farm.models.published import published_compact_teacher, shared_compact_teacher
+
+        ref = json.loads((p / "teacher_ref.json").read_text())
+        if ref["kind"] == "shared_compact":
+            return shared_compact_teacher(ref["path"], sessions=[ref["session"]] if ref["session"] else None)
+        return published_compact_teacher(ref["path"], ref["session"] or "190923")
+    from farm.teacher import EnsembleTeacher
+
+    return EnsembleTeacher.load(p / "teacher" if (p / "teacher" / "teacher.json").is_file() else p)
+
+
+def analyze_command(args) -> int:
+    from farm.analysis import run_all_analyses
+
+    p = Path(args.model)
+    if p.suffix == ".pt":
+        from farm.models.published import load_published_compact
+
+        model = load_published_compact(p)
+    else:
+        from farm.models.compact import load_compact
+
+        model = load_compact(p)
+    images = np.load(args.images) if args.images else None
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = run_all_analyses(model, images)
+    figures = results.get("figures", {}) if isinstance(results, dict) else {}
+    tracker = Tracker.open(args.tracking_uri, "farm") if args.run_id else None
+    for name, fig in figures.items():
+        fig.savefig(out / f"{name}.png", dpi=110, bbox_inches="tight")
+        if tracker:
+            tracker.log_figure(args.run_id, fig, f"analysis/{name}.png")
+    print(f"analyses of {p} -> {out}")
+    return 0
