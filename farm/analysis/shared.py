@@ -39,7 +39,11 @@ class SharedTrainParams:
     passes: passes over the training images (paper: 1 pass of 12 M). batch_size, lr, adam_eps,
     clip_value: the paper's 64, 1e-4, 1e-7, 0.5. smooth_sigma: 0 = off. smooth_times: smoothing
     points per run (paper: 24, one per 500 k-image zip). freeze_early_kernels: the random-early-kernels
-    control. seed: init and batch order. eval_batch_size: images per prediction batch."""
+    control. recalibrate_bn_images: after training, recompute the BN running statistics as plain
+    averages over this many training images (0 = off, the paper). With Keras's momentum 0.99 the
+    running statistics need ~500 steps to forget their init (mean 0, var 1), so short runs (tests,
+    small banks) should turn it on; over the paper's 192 k steps it changes nothing.
+    seed: init and batch order. eval_batch_size: images per prediction batch."""
 
     late_filters: int = 100
     activation: bool = True
@@ -51,6 +55,7 @@ class SharedTrainParams:
     smooth_sigma: float = 0.5
     smooth_times: int = 24
     freeze_early_kernels: bool = False
+    recalibrate_bn_images: int = 0
     seed: int = 0
     eval_batch_size: int = 256
 
@@ -131,7 +136,7 @@ def train_shared(model: CompactModel, images: np.ndarray, targets: np.ndarray, p
         if params.clip_value is not None:
             torch.nn.utils.clip_grad_value_(model.parameters(), params.clip_value)
         opt.step()
-        running.append(float(loss))
+        running.append(float(loss.detach()))
         smoothed = step in smooth_at and params.smooth_sigma > 0
         if smoothed:
             smooth_kernels_(model, params.smooth_sigma)
@@ -146,8 +151,35 @@ def train_shared(model: CompactModel, images: np.ndarray, targets: np.ndarray, p
             running = []
             if callback is not None:
                 callback(entry)
+    if params.recalibrate_bn_images:
+        recalibrate_bn(model, images[:params.recalibrate_bn_images], params.eval_batch_size)
     model.eval()
     return SharedTrainResult(model=model, history=history, steps=total, seconds=time.perf_counter() - t0)
+
+
+@torch.no_grad()
+def recalibrate_bn(model: CompactModel, images: np.ndarray, batch_size: int = 256) -> None:
+    """Set every BN layer's running mean / variance to their averages over ``images`` (uint8), in place.
+
+    Batch statistics are averaged over batches (PyTorch's cumulative mode, momentum None), layer by
+    layer in one forward pass per batch. The model's train/eval mode and BN momenta are restored."""
+    images = check_images(images, "BN recalibration images")
+    dev = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    bns = [model.bn(l) for l in range(5)]
+    momenta = [bn.momentum for bn in bns]
+    was_training = model.training
+    try:
+        for bn in bns:
+            bn.reset_running_stats()
+            bn.momentum = None
+        model.train()
+        for s in range(0, len(images), batch_size):
+            model(recenter(images[s:s + batch_size], dev).to(dtype))
+    finally:
+        for bn, m in zip(bns, momenta):
+            bn.momentum = m
+        model.train(was_training)
 
 
 def r2_to_teacher(model: CompactModel, images: np.ndarray, targets: np.ndarray, batch_size: int = 256,
