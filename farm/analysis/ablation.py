@@ -50,7 +50,7 @@ class AblationParams:
     layer: int = 1
     max_cumulative_steps: int | None = None
     tol: float = 1e-6
-    batch_size: int = 256
+    batch_size: int = 64
 
     def __post_init__(self):
         if self.layer not in range(1, 7):

@@ -87,18 +87,7 @@ def pixel_bounds(device, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tenso
     return -means, 255.0 - means
 
 
-@torch.no_grad()
-def predict_tensor(model: CompactModel, x: torch.Tensor, output: int | None = 0,
-                   batch_size: int = 256) -> torch.Tensor:
-    """Outputs for recentered input x (N, 3, H, W), in batches -> (N,) or (N, n_outputs) if output is None.
-
-    The model must already be in the mode wanted (use ``eval_mode``)."""
-    outs = [model(x[s:s + batch_size]) for s in range(0, len(x), batch_size)]
-    y = torch.cat(outs)
-    return y if output is None else y[:, output]
-
-
-def predict(model: CompactModel, images: np.ndarray, output: int | None = 0, batch_size: int = 256,
+def predict(model: CompactModel, images: np.ndarray, output: int | None = 0, batch_size: int = 64,
             device=None) -> np.ndarray:
     """Model outputs for uint8 images (N, H, W, 3) in eval mode -> float64 (N,) for ``output``,
     or (N, n_outputs) when ``output`` is None."""

@@ -47,7 +47,7 @@ class DotParams:
     number_spread: float = 16.0
     number_gap: float = 1.0
     seed: int = 0
-    batch_size: int = 256
+    batch_size: int = 64
 
     def __post_init__(self):
         for name in ("color", "background"):

@@ -49,7 +49,7 @@ class NaturalParams:
     seed: int = 0
     keep_images: bool = True
     kinds: tuple[str, ...] | None = None
-    batch_size: int = 256
+    batch_size: int = 64
 
     def __post_init__(self):
         if self.top_k < 1 or self.n_random < 0 or self.batch_size < 1:

@@ -43,7 +43,7 @@ class SaliencyParams:
     n_patches: int = 10
     n_controls: int = 10
     seed: int = 0
-    batch_size: int = 128
+    batch_size: int = 64
 
     def __post_init__(self):
         if not self.patch_radius > 0 or not self.blur_sigma > 0 or self.stride < 1:

@@ -57,7 +57,7 @@ class SharedTrainParams:
     freeze_early_kernels: bool = False
     recalibrate_bn_images: int = 0
     seed: int = 0
-    eval_batch_size: int = 256
+    eval_batch_size: int = 64
 
     def __post_init__(self):
         if self.late_filters < 1 or self.batch_size < 1 or not self.passes > 0 or not self.lr > 0:
@@ -158,7 +158,7 @@ def train_shared(model: CompactModel, images: np.ndarray, targets: np.ndarray, p
 
 
 @torch.no_grad()
-def recalibrate_bn(model: CompactModel, images: np.ndarray, batch_size: int = 256) -> None:
+def recalibrate_bn(model: CompactModel, images: np.ndarray, batch_size: int = 64) -> None:
     """Set every BN layer's running mean / variance to their averages over ``images`` (uint8), in place.
 
     Batch statistics are averaged over batches (PyTorch's cumulative mode, momentum None), layer by
@@ -182,7 +182,7 @@ def recalibrate_bn(model: CompactModel, images: np.ndarray, batch_size: int = 25
         model.train(was_training)
 
 
-def r2_to_teacher(model: CompactModel, images: np.ndarray, targets: np.ndarray, batch_size: int = 256,
+def r2_to_teacher(model: CompactModel, images: np.ndarray, targets: np.ndarray, batch_size: int = 64,
                   device=None) -> np.ndarray:
     """Squared Pearson r per output between model and teacher on images -> float64 (n_outputs,).
     NaN where either side is constant."""

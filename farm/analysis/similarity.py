@@ -170,7 +170,7 @@ def _sketch_indices(p: int, d: int, seed: int, layer: int, device) -> tuple[torc
 
 @torch.no_grad()
 def layer_grams(model: CompactModel, images: np.ndarray, sketch_dim: int = 4096, seed: int = 0,
-                batch_size: int = 128, device=None) -> np.ndarray:
+                batch_size: int = 32, device=None) -> np.ndarray:
     """Centred Gram matrices of code layers 0-4's activity (count-sketched when wider than
     ``sketch_dim``) over ``images`` (uint8 (n, H, W, 3)) -> float64 (5, n, n)."""
     images = check_images(images, "CKA images")
@@ -182,15 +182,15 @@ def layer_grams(model: CompactModel, images: np.ndarray, sketch_dim: int = 4096,
         for s in range(0, len(images), batch_size):
             acts = model.embed(to_model_input(images[s:s + batch_size], model, dev))
             for l, a in enumerate(acts):
-                a = a.flatten(1).double()
+                a = a.flatten(1)
                 p = a.shape[1]
-                if p > sketch_dim:
+                if p > sketch_dim:  # sketch in the activations' dtype: a float64 copy of layer 0 is large
                     if l not in sketches:
                         sketches[l] = _sketch_indices(p, sketch_dim, seed, l, a.device)
                     bins, signs = sketches[l]
                     z = torch.zeros(len(a), sketch_dim, dtype=a.dtype, device=a.device)
-                    a = z.index_add_(1, bins, a * signs)
-                feats[l].append(a)
+                    a = z.index_add_(1, bins, a * signs.to(a.dtype))
+                feats[l].append(a.double())
     return np.stack([_centered_gram(torch.cat(f)).cpu().numpy() for f in feats])
 
 
@@ -210,7 +210,7 @@ class CKAResult:
 
 
 def layer_cka(models: Sequence[CompactModel], images: np.ndarray, n_pairs: int | None = None,
-              sketch_dim: int = 4096, seed: int = 0, batch_size: int = 128, device=None) -> CKAResult:
+              sketch_dim: int = 4096, seed: int = 0, batch_size: int = 32, device=None) -> CKAResult:
     """Linear CKA per code layer (0-4) between pairs of models on the same images.
 
     Each model's Gram matrices are computed once (5 n^2 floats per model: n = 1000 images -> 40 MB),
@@ -253,7 +253,7 @@ class SignalCorrelationResult:
 
 
 @torch.no_grad()
-def signal_correlation(models: Sequence[CompactModel], images: np.ndarray, batch_size: int = 256,
+def signal_correlation(models: Sequence[CompactModel], images: np.ndarray, batch_size: int = 64,
                        device=None) -> SignalCorrelationResult:
     """Pearson correlations between the outputs of ``models`` on ``images`` (uint8 (n, H, W, 3))."""
     images = check_images(images, "signal-correlation images")
