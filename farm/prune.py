@@ -130,6 +130,7 @@ class PruneResult:
 
     model: the rebuilt narrow CompactModel (``narrow(masked, keep)``; retrained if iterative).
     masked: the full-width model with the dropped filters zeroed (§5.2); same outputs as ``model``.
+        In iterative mode it holds the retrained weights at the kept filters' original positions.
     keep: 5 ascending lists of the kept filters of layers 0-4, as indices of the input model.
     history: one dict per step, in the order pruned (layers 4, 3, 2, 1, 0): layer, filters_before,
         filters_after, removed (input-model indices), criterion, fv (fraction of variance / of
