@@ -226,6 +226,7 @@ def test_shared_compact_matches_numpy_keras_reference(published_dir, few_images,
     path = shared_compact_path(published_dir, "from_ensemble_model", n_filters)
     model = load_shared_compact(path)
     assert model.spec.readout == "factorized" and model.spec.activation
+    assert model.spec.output_units == "standardized"
     assert model.spec.n_outputs == 219 and model.spec.neuron_ids == SHARED_NEURON_IDS
     assert model.spec.filters == (n_filters, n_filters, n_filters, 100, 100)
     want = np_forward(few_images[:2], reference_weights_keras(path))
@@ -304,6 +305,7 @@ def test_linear_variant_loads_without_relus(published_dir, few_images, tmp_path)
 def test_direct_fit_variant_loads(published_dir, few_images):
     model = load_shared_compact(shared_compact_path(published_dir, "from_V4data_direct_fit", 5))
     assert model.spec.activation and model.spec.n_outputs == 219
+    assert model.spec.output_units == "spikes/100ms"  # fitted to the responses, not to a teacher
     assert np.isfinite(model_outputs(model, few_images[:1])).all()
 
 
@@ -316,9 +318,9 @@ def test_published_models_predict_190923_second_half(published_dir, second_half)
     Independently measured medians: 0.404 (33 per-neuron models), 0.409 (shared, 200 filters).
     """
     images, responses = second_half
-    per_neuron = published_compact_teacher(published_dir, SESSION).predict(images, batch_size=100)
+    per_neuron = published_compact_teacher(published_dir, SESSION).predict(images, batch_size=16)
     shared = shared_compact_teacher(shared_compact_path(published_dir, "from_ensemble_model", 200),
-                                    sessions=SESSION).predict(images, batch_size=100)
+                                    sessions=SESSION).predict(images, batch_size=16)
     for name, pred in (("per-neuron", per_neuron), ("shared", shared)):
         assert pred.shape == (len(SECOND_HALF), N_NEURONS)
         r = pearson_rows(pred.T.astype(np.float64), responses)
@@ -382,3 +384,15 @@ def test_keras_with_unexpected_structure_is_a_clear_error(published_dir, tmp_pat
             zf.writestr(name, data)
     with pytest.raises(ValueError, match="eps.keras.*layer3_bn epsilon"):
         load_shared_compact(bad)
+
+    # weights of a layer that config.json does not have
+    weights = tmp_path / "stray.weights.h5"
+    weights.write_bytes(members["model.weights.h5"])
+    with h5py.File(weights, "a") as h5:
+        h5.create_dataset("layers/dense/vars/0", data=np.zeros((4, 1), np.float32))
+    stray = tmp_path / "stray.keras"
+    with zipfile.ZipFile(stray, "w") as zf:
+        for name, data in {**members, "model.weights.h5": weights.read_bytes()}.items():
+            zf.writestr(name, data)
+    with pytest.raises(ValueError, match="stray.keras.*not in config.json.*dense"):
+        load_shared_compact(stray)

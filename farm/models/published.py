@@ -50,6 +50,9 @@ SHARED_NEURON_IDS = tuple(f"{s}:{i}" for s, n in zip(TEST_SESSIONS, TEST_SESSION
 #: (to make up for PyTorch's eps 1e-5 against Keras's 1e-3; method.md §8.1).
 TORCH_PORT_VAR_SHIFT = 1e-3
 
+#: The shared models fitted to V4 responses directly (no teacher); their outputs are spike counts.
+DIRECT_FIT_VARIANT = "from_V4data_direct_fit"
+
 _PT_NAME = re.compile(r"^compact_model_(\d+)_neuron(\d+)\.pt$")
 _KERNEL = CompactSpec.kernel_size
 
@@ -306,21 +309,27 @@ def _read_h5_vars(h5: h5py.File, layers: list[tuple[str, str]], path: Path) -> d
         vars_group = h5[group_name].get("vars")
         n_vars = len(vars_group) if vars_group is not None else 0
         out[name] = [np.asarray(vars_group[str(i)][()]) for i in range(n_vars)]
+    used = {f"{base}_{i}" if i else base for base, n in counters.items() for i in range(n)}
+    stray = sorted(g for g, grp in h5.get("layers", {}).items()
+                   if g not in used and isinstance(grp, h5py.Group) and len(grp.get("vars", {})))
+    if stray:
+        raise ValueError(f"{path}: model.weights.h5 holds weights of layers not in config.json: {stray}")
     return out
 
 
 def load_shared_compact(
     keras_path: str | Path,
     neuron_ids: Sequence[str] | None = None,
-    output_units: str = "standardized",
+    output_units: str | None = None,
 ) -> CompactModel:
     """A published shared compact model (method.md §8.2) as a float32 CompactModel, eval mode.
 
     keras_path: ``shared_compact_model_<N>filters.keras``, a zip of ``config.json`` + ``model.weights.h5``.
     neuron_ids: the neuron of each output; default: the published order (``SHARED_NEURON_IDS``, 219
       outputs: 190923 0-32, 201025 0-88, 210225 0-54, 211022 0-41).
-    output_units: recorded in the spec; the files do not say (the ensemble-distilled ones predict the
-      teacher's units, as the per-neuron models do).
+    output_units: recorded in the spec; the files do not say. Default: "spikes/100ms" for a file in a
+      ``from_V4data_direct_fit`` folder (fitted to the responses: on 190923 its outputs have the
+      responses' mean, ~2.8), else "standardized" (distilled from a teacher: outputs ~ mean 0, SD 1).
 
     The readout is "factorized": ``mixing`` (1x1 conv K4 -> n_outputs) then one (R, R) spatial map + bias
     per output (the Keras 'valid' R x R depthwise conv). The variant without ReLUs (no ``*_act`` layers in
@@ -384,6 +393,8 @@ def load_shared_compact(
             raise ValueError(f"{path}: {n_out} outputs, not the published {len(SHARED_NEURON_IDS)}; "
                              f"pass neuron_ids")
         neuron_ids = SHARED_NEURON_IDS
+    if output_units is None:
+        output_units = "spikes/100ms" if path.parent.name == DIRECT_FIT_VARIANT else "standardized"
     spec = CompactSpec(filters=tuple(filters), image_size=image_size, readout="factorized", n_outputs=n_out,
                        activation=activation, output_units=output_units, neuron_ids=tuple(neuron_ids))
 
