@@ -205,7 +205,7 @@ def compress_and_log(neuron_id: str, inputs: NeuronInputs, compress_cfg: dict, s
     torch.set_num_threads(threads)  # workers are reused: fix the pool size per task (ecosystem §5a)
     params = neuron_params(neuron_id, compress_cfg, seed)
     # A retried task (worker killed after logging) must not log the neuron twice.
-    if neuron_id in tracker.finished_neurons(parent_run_id):
+    if neuron_id in tracker.finished_neurons(parent_run_id, neuron_id=neuron_id):
         return {"neuron_id": neuron_id, "status": "SKIPPED"}
     t0 = time.time()
     try:

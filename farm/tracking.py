@@ -164,11 +164,18 @@ class Tracker:
             if not token:
                 return runs
 
-    def finished_neurons(self, parent_run_id: str, kind: str = "neuron") -> dict[str, str]:
-        """neuron id -> run id of its FINISHED child run. Stale RUNNING children are marked KILLED."""
+    def finished_neurons(self, parent_run_id: str, kind: str = "neuron",
+                         neuron_id: str | None = None) -> dict[str, str]:
+        """neuron id -> run id of its FINISHED child run. Stale RUNNING children are marked KILLED.
+
+        ``neuron_id``: look at this neuron's runs only. A task checking for its own earlier attempt
+        must pass it: other neurons' RUNNING runs may be in the middle of being logged.
+        """
         done = {}
         for run in self.child_runs(parent_run_id, kind):
             nid = run.data.tags.get(TAG_NEURON)
+            if neuron_id is not None and nid != neuron_id:
+                continue
             if run.info.status == "FINISHED" and nid:
                 done[nid] = run.info.run_id
             elif run.info.status == "RUNNING":
