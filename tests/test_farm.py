@@ -1,0 +1,470 @@
+"""The Ray/MLflow edge of the farm, on real local Ray and real sqlite MLflow stores (no mocks).
+
+A tiny simulated population (teacher = its true rates, 16 px images, 6-filter students) keeps every
+compression to seconds. The simulated data and image bank are built once per module; every test has
+its own MLflow store (a copy of one empty, already migrated sqlite file: creating the schema costs
+5-15 s) and its own out_dir. Ray runs in this process (2 CPUs, a small object store) under a private
+RAY_TMPDIR, so a `ray start` cluster of someone else on the machine is never joined.
+
+Fast: a job end to end + idempotent re-run, a failed neuron, a killed worker.
+Slow: a killed driver + re-run through the CLI, the Tune sweep.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from farm.config import load_job_config
+from farm.farm import NeuronInputs, compress_and_log, init_ray, run_neurons
+from farm.tracking import TAG_ERROR, TAG_JOB, TAG_KIND, TAG_NEURON, Tracker
+
+REPO = Path(__file__).resolve().parents[1]
+N_NEURONS = 4  # per simulated session; the teacher holds the test session's neurons
+
+TINY_COMPRESS = {
+    "student_filters": [6, 6, 6, 6, 6],
+    "distill": {"passes": 1, "log_every_steps": 5, "bn_recalibrate_images": 256},
+    "retrain": {"passes": 1, "log_every_steps": 5, "bn_recalibrate_images": 256},
+}
+
+RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+# -- fixtures ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ray_tmp():
+    """Ray's environment for the module: auth off, no telemetry, a private (short: unix sockets)
+    temp dir, no inherited RAY_ADDRESS."""
+    tmp = tempfile.mkdtemp(prefix="frt", dir="/tmp")
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in RAY_ENV.items():
+            mp.setenv(k, v)
+        mp.setenv("RAY_TMPDIR", tmp)
+        mp.delenv("RAY_ADDRESS", raising=False)
+        yield tmp
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def local_ray(ray_tmp):
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    init_ray(num_cpus=2, object_store_memory=300_000_000)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    """Simulated sessions + image bank (shared, read-only after this) and an empty migrated store."""
+    from mlflow import MlflowClient
+
+    from farm.pipeline import prepare_job
+
+    base = tmp_path_factory.mktemp("farm_base")
+    template = base / "template.db"
+    MlflowClient(f"sqlite:///{template}").search_experiments()  # creates + migrates the schema
+    cfg_path = write_config(base / "prep", base)
+    prepare_job(load_job_config(cfg_path))
+    return base
+
+
+def write_config(run_dir: Path, base: Path, **overrides) -> Path:
+    """A tiny job config in ``run_dir`` (own out_dir and MLflow store); ``overrides``: top-level
+    sections merged one level deep (e.g. ``farm={"num_cpus": 1}``)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    db = run_dir / "mlflow.db"
+    if (base / "template.db").is_file() and not db.exists():
+        shutil.copyfile(base / "template.db", db)
+    cfg = {
+        "name": "tiny",
+        "out_dir": str(run_dir / "out"),
+        "neurons": "sim1",
+        "data": {"kind": "simulated", "dir": str(base / "data"),
+                 "simulate": {"n_neurons": N_NEURONS, "n_sessions": 2, "n_images": 200, "image_size": 16,
+                              "filters": [3, 4], "n_calibration": 64}},
+        "teacher": {"kind": "ground_truth"},
+        "bank": {"dir": str(base / "bank"), "heldout": 200, "bank": {"n_images": 1000, "shard_size": 1000}},
+        "compress": TINY_COMPRESS,
+        "farm": {"num_cpus": 1, "local_num_cpus": 2, "object_store_memory": 300_000_000},
+        "tracking": {"experiment": "tiny", "uri": f"sqlite:///{db}"},
+        "sweep": {"taus": [0.8, 0.95], "max_concurrent": 2, "neurons": "sim1:0-1"},
+    }
+    for k, v in overrides.items():
+        cfg[k] = {**cfg[k], **v} if isinstance(v, dict) and isinstance(cfg.get(k), dict) else v
+    path = run_dir / "job.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def neuron_children(tracker: Tracker, parent: str, status: str | None = None) -> list:
+    runs = tracker.child_runs(parent, "neuron")
+    return [r for r in runs if status is None or r.info.status == status]
+
+
+def all_runs(tracker: Tracker) -> list:
+    return tracker.client.search_runs([tracker.experiment_id], max_results=1000)
+
+
+def artifact_paths(tracker: Tracker, run_id: str, path: str | None = None) -> set[str]:
+    out = set()
+    for a in tracker.client.list_artifacts(run_id, path):
+        out |= artifact_paths(tracker, run_id, a.path) if a.is_dir else {a.path}
+    return out
+
+
+# -- a job end to end -------------------------------------------------------------------------------
+def test_compress_job_end_to_end_then_rerun_is_idempotent(tiny_base, local_ray, tmp_path):
+    from farm.compress import RealData
+    from farm.distill import predict, squared_pearson
+    from farm.metrics import evaluate_predictions, r2_raw
+    from farm.models.compact import load_compact
+    from farm.pipeline import prepare_job, run_compress_job
+
+    cfg = load_job_config(write_config(tmp_path, tiny_base))
+    res = run_compress_job(cfg, progress=False)
+    tracker = Tracker.open(cfg.tracking.uri, "tiny")
+    prepared = prepare_job(cfg)  # every stage cached: the same arrays the tasks got
+    neurons = prepared.neuron_ids
+    assert len(neurons) == N_NEURONS and res.failed == [] and res.skipped == []
+    assert sorted(r["neuron_id"] for r in res.rows) == sorted(neurons)
+
+    parent = tracker.client.get_run(res.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags[TAG_KIND] == "job" and parent.data.tags[TAG_JOB] == res.job_id
+    assert parent.data.metrics["neurons_finished"] == N_NEURONS
+    assert {"figures/params_histogram.png", "figures/filters_per_layer.png",
+            "figures/compact_vs_teacher_r2.png"} <= artifact_paths(tracker, res.parent_run_id, "figures")
+
+    children = neuron_children(tracker, res.parent_run_id)
+    assert sorted(r.data.tags[TAG_NEURON] for r in children) == sorted(neurons)  # one each
+    inp = prepared.inputs
+    for run in children:
+        nid, m = run.data.tags[TAG_NEURON], run.data.metrics
+        assert run.info.status == "FINISHED" and run.data.tags[TAG_JOB] == res.job_id
+        assert run.data.params["neuron_id"] == nid
+        for key in ("param_count", "trainable_params", "total_filters", "r2_teacher_heldout", "r2_er",
+                    "r2_ground_truth", *(f"filters_layer{i}" for i in range(5))):
+            assert key in m, f"{nid}: metric {key} missing"
+        arts = artifact_paths(tracker, run.info.run_id)
+        assert {"model/spec.json", "model/state_dict.pt", "history/pruning_history.csv",
+                "figures/filter_weights.png", "figures/pruning_history.png"} <= arts
+
+        local = tracker.download(run.info.run_id, "", tmp_path / "dl" / nid.replace(":", "_"))
+        model = load_compact(local / "model")  # torch.load(weights_only=True)
+        filters = [int(m[f"filters_layer{i}"]) for i in range(5)]
+        assert list(model.spec.filters) == filters
+        assert model.spec.param_count() == m["param_count"]
+        assert model.spec.trainable_param_count() == m["trainable_params"]
+        assert model.spec.filter_count() == m["total_filters"] == 2 * filters[0] + sum(filters[1:])
+        with open(local / "history" / "pruning_history.csv") as fh:
+            assert len(list(csv.DictReader(fh))) >= 1
+
+        # The logged model predicts what the logged metrics say (the task ran with other threads).
+        col = neurons.index(nid)
+        pred = predict(model, inp.heldout_images)
+        assert squared_pearson(inp.heldout_targets[:, col], pred) == pytest.approx(
+            m["r2_teacher_heldout"], rel=1e-3, abs=1e-5)
+        assert float(r2_raw(inp.ground_truth_heldout[:, col][None], pred[None])[0]) == pytest.approx(
+            m["r2_ground_truth"], rel=1e-3, abs=1e-5)
+        rd = inp.real[nid.split(":")[0]]
+        real = RealData(rd["images"], rd["responses"][rd["neuron_ids"].index(nid)], rd["has_repeats"])
+        assert real.has_repeats  # simulated sessions have repeats: r2_er is the real-data score
+        scores = evaluate_predictions(real.responses, predict(model, real.images), True)
+        assert float(scores["r2_er"][0]) == pytest.approx(m["r2_er"], rel=1e-3, abs=1e-4)
+
+    # Re-running the same config is the same job: nothing compressed, no run added.
+    n_runs = len(all_runs(tracker))
+    again = run_compress_job(load_job_config(write_config(tmp_path, tiny_base)), progress=False)
+    assert again.job_id == res.job_id and again.parent_run_id == res.parent_run_id
+    assert again.rows == [] and sorted(again.skipped) == sorted(neurons)
+    assert len(all_runs(tracker)) == n_runs
+    assert {r.info.run_id for r in neuron_children(tracker, res.parent_run_id)} == \
+           {r.info.run_id for r in children}
+
+
+# -- failures ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_inputs(tiny_base):
+    from farm.pipeline import prepare_job
+
+    cfg = load_job_config(write_config(tiny_base / "inputs", tiny_base))
+    return prepare_job(cfg).inputs, cfg, tiny_base
+
+
+def test_a_neuron_with_nan_teacher_responses_fails_alone(tiny_inputs, local_ray, tmp_path):
+    inputs, cfg, base = tiny_inputs
+    good, bad = inputs.neuron_ids[0], inputs.neuron_ids[1]
+    targets = inputs.bank_targets.copy()
+    targets[::7, 1] = np.nan  # a teacher that returns NaN for some images of one neuron
+    broken = NeuronInputs(list(inputs.neuron_ids), inputs.bank_images, targets, inputs.heldout_images,
+                          inputs.heldout_targets, inputs.real, inputs.ground_truth_heldout)
+    tracker = Tracker.open(f"sqlite:///{_store(tmp_path, base)}", "nan")
+    parent = tracker.start_job("nan-job")
+
+    rows = run_neurons([good, bad], broken, cfg.compress, 0, tracker, parent, progress=False)
+
+    by_id = {r["neuron_id"]: r for r in rows}
+    assert by_id[good]["status"] == "FINISHED" and by_id[bad]["status"] == "FAILED"
+    assert "NaN" in by_id[bad]["error"]
+    runs = {r.data.tags[TAG_NEURON]: r for r in neuron_children(tracker, parent)}
+    assert len(neuron_children(tracker, parent)) == 2
+    assert runs[good].info.status == "FINISHED"
+    assert runs[bad].info.status == "FAILED"
+    err = runs[bad].data.tags[TAG_ERROR]
+    assert err.startswith("ValueError") and "targets" in err and "NaN" in err
+    assert runs[bad].data.params["neuron_id"] == bad  # the failed run says what it was
+
+
+def test_a_task_leaves_other_neurons_in_flight_runs_alone(tiny_inputs, tmp_path):
+    """A task checks only its own neuron's earlier runs: another neuron's run that is still being
+    logged (RUNNING) must not be marked KILLED under it."""
+    inputs, cfg, base = tiny_inputs
+    bad = inputs.neuron_ids[1]
+    targets = inputs.bank_targets.copy()
+    targets[:, 1] = np.nan  # fails at once: no training needed to reach the check
+    broken = NeuronInputs(list(inputs.neuron_ids), inputs.bank_images, targets, inputs.heldout_images,
+                          inputs.heldout_targets)
+    tracker = Tracker.open(f"sqlite:///{_store(tmp_path, base)}", "inflight")
+    parent = tracker.start_job("inflight-job")
+    in_flight = tracker.client.create_run(tracker.experiment_id, tags={
+        "mlflow.parentRunId": parent, TAG_KIND: "neuron", TAG_NEURON: inputs.neuron_ids[0]}).info.run_id
+    own_stale = tracker.client.create_run(tracker.experiment_id, tags={
+        "mlflow.parentRunId": parent, TAG_KIND: "neuron", TAG_NEURON: bad}).info.run_id
+
+    row = compress_and_log(bad, broken, cfg.compress, 0, tracker, parent, device="cpu")
+
+    assert row["status"] == "FAILED"
+    assert tracker.client.get_run(in_flight).info.status == "RUNNING"
+    assert tracker.client.get_run(own_stale).info.status == "KILLED"  # its own earlier attempt
+
+
+def _store(tmp_path: Path, base: Path) -> Path:
+    """This test's own store: a copy of the module's empty, migrated one."""
+    db = tmp_path / "mlflow.db"
+    shutil.copyfile(base / "template.db", db)
+    return db
+
+
+# -- processes, from /proc (Linux; psutil is not a dependency) --------------------------------------
+def descendants(pid: int) -> list[int]:
+    """Every live process below ``pid``."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie awaiting its parent's wait() counts as dead)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def wait_gone(pids, timeout: float) -> list[int]:
+    """The pids still alive after up to ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    left = [p for p in pids if alive(p)]
+    while left and time.monotonic() < deadline:
+        time.sleep(0.2)
+        left = [p for p in left if alive(p)]
+    return left
+
+
+def _ray_workers_running(task: str, root_pid: int) -> list[int]:
+    """Ray worker processes under ``root_pid`` executing ``task`` now (process title ray::<task>)."""
+    return [p for p in descendants(root_pid) if cmdline(p).startswith(f"ray::{task}")]
+
+
+def test_a_killed_worker_still_ends_with_one_finished_run_per_neuron(tiny_inputs, local_ray, tmp_path):
+    inputs, cfg, base = tiny_inputs
+    neurons = list(inputs.neuron_ids[:3])
+    tracker = Tracker.open(f"sqlite:///{_store(tmp_path, base)}", "kill")
+    parent = tracker.start_job("kill-job")
+    out: dict = {}
+
+    def job():
+        try:
+            out["rows"] = run_neurons(neurons, inputs, cfg.compress, 0, tracker, parent, max_retries=3,
+                                      progress=False)
+        except BaseException as e:  # surfaced by the assertions below
+            out["error"] = e
+
+    th = threading.Thread(target=job, daemon=True)
+    th.start()
+    victim = None
+    deadline = time.monotonic() + 240
+    while victim is None and time.monotonic() < deadline and th.is_alive():
+        workers = _ray_workers_running("compress_neuron", os.getpid())
+        if workers:
+            victim = workers[0]
+            os.kill(victim, signal.SIGKILL)  # a system failure: Ray retries the task
+        else:
+            time.sleep(0.05)
+    th.join(timeout=400)
+    assert victim is not None, "never saw a worker running compress_neuron"
+    assert not th.is_alive(), "run_neurons did not return"
+    assert "error" not in out, out.get("error")
+    assert not wait_gone([victim], 30), "the killed worker is still alive"
+
+    rows = out["rows"]
+    assert sorted(r["neuron_id"] for r in rows) == sorted(neurons)
+    assert all(r["status"] in ("FINISHED", "SKIPPED") for r in rows), rows
+    finished = [r.data.tags[TAG_NEURON] for r in neuron_children(tracker, parent, "FINISHED")]
+    assert sorted(finished) == sorted(neurons)  # exactly one FINISHED run per neuron
+    assert not neuron_children(tracker, parent, "RUNNING")
+
+
+# -- a killed driver (slow: two CLI processes, each starting Ray) ------------------------------------
+@pytest.mark.slow
+def test_killing_the_driver_and_rerunning_completes_without_duplicates(tiny_base, ray_tmp, tmp_path):
+    from mlflow import MlflowClient
+
+    cfg_path = write_config(tmp_path, tiny_base, neurons="sim1")
+    cfg = load_job_config(cfg_path)
+    env = {**os.environ, **RAY_ENV, "RAY_TMPDIR": ray_tmp, "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)
+    cmd = [sys.executable, "-m", "farm.cli", "compress", "--config", str(cfg_path)]
+    client = MlflowClient(cfg.tracking.uri)
+
+    def finished_children() -> dict[str, str]:
+        exp = client.get_experiment_by_name("tiny")
+        if exp is None:
+            return {}
+        runs = client.search_runs([exp.experiment_id], f"tags.`{TAG_KIND}` = 'neuron'", max_results=1000)
+        return {r.data.tags[TAG_NEURON]: r.info.run_id for r in runs if r.info.status == "FINISHED"}
+
+    with open(tmp_path / "first.log", "wb") as log1:
+        first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log1, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
+    ray_procs: list[int] = []
+    try:
+        deadline = time.monotonic() + 420
+        while time.monotonic() < deadline and first.poll() is None and not finished_children():
+            ray_procs = descendants(first.pid) or ray_procs
+            time.sleep(0.5)
+        assert first.poll() is None, f"the driver ended before it was killed: {_tail(tmp_path / 'first.log')}"
+        assert finished_children(), "no neuron finished in time"
+        ray_procs = descendants(first.pid) or ray_procs
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(timeout=30)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    # A local driver's Ray (GCS, raylet, workers) shares its fate: all of it is gone.
+    assert ray_procs, "the driver started no processes"
+    left = wait_gone(ray_procs, 60)
+    for p in left:
+        os.kill(p, signal.SIGKILL)
+    assert not left, f"Ray processes outlived their driver: {[(p, cmdline(p)) for p in left]}"
+
+    before = finished_children()
+    assert 1 <= len(before) < N_NEURONS
+    second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert f"{len(before)} already finished, {N_NEURONS - len(before)} to compress" in second.stderr
+
+    after = finished_children()
+    assert sorted(after) == [f"sim1:{i}" for i in range(N_NEURONS)]
+    exp = client.get_experiment_by_name("tiny")
+    runs = client.search_runs([exp.experiment_id], f"tags.`{TAG_KIND}` = 'neuron'", max_results=1000)
+    assert sum(r.info.status == "FINISHED" for r in runs) == N_NEURONS  # no duplicates
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    for nid, rid in before.items():
+        assert after[nid] == rid  # finished before the kill: skipped, not recomputed
+    parents = client.search_runs([exp.experiment_id], f"tags.`{TAG_KIND}` = 'job'")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+
+
+def _tail(path: Path, n: int = 3000) -> str:
+    return path.read_text(errors="replace")[-n:] if path.is_file() else ""
+
+
+# -- the sweep (slow: Tune) -------------------------------------------------------------------------
+@pytest.mark.slow
+def test_sweep_trials_pareto_chosen_cache_and_restore(tiny_base, local_ray, tmp_path):
+    from ray import tune
+
+    from farm.pipeline import prepare_job, run_sweep_job
+    from farm.sweep import choose_model, pareto_front
+
+    cfg = load_job_config(write_config(tmp_path, tiny_base))
+    prepared = prepare_job(cfg)
+    results = run_sweep_job(cfg, progress=False, prepared=prepared)
+    tracker = Tracker.open(cfg.tracking.uri, "tiny")
+    job_id = cfg.resolved_job_id() + "-sweep"
+    parents = tracker.client.search_runs([tracker.experiment_id], f"tags.`{TAG_KIND}` = 'sweep'")
+    assert len(parents) == 1 and parents[0].data.tags[TAG_JOB] == job_id
+    parent = parents[0].info.run_id
+    assert parents[0].info.status == "FINISHED"
+
+    trials = tracker.child_runs(parent, "trial")
+    assert len(trials) == 2 * len(cfg.sweep.taus)  # one run per (neuron, tau, criterion)
+    assert {r.info.status for r in trials} == {"FINISHED"}
+    assert [r.neuron_id for r in results] == ["sim1:0", "sim1:1"]
+    for res in results:
+        runs = [r for r in trials if r.data.tags[TAG_NEURON] == res.neuron_id]
+        assert sorted(float(r.data.params["tau"]) for r in runs) == sorted(cfg.sweep.taus)
+        by_id = {r.info.run_id: r for r in runs}
+        assert {t["run_id"] for t in res.trials} == set(by_id)
+        p = [by_id[t["run_id"]].data.metrics["param_count"] for t in res.trials]
+        r2 = [by_id[t["run_id"]].data.metrics["r2_teacher_heldout"] for t in res.trials]
+        assert res.front == pareto_front(p, r2) and len(res.front) >= 1
+        assert res.chosen == choose_model(p, r2, res.r2_teacher_distilled, cfg.sweep.eps)
+        for i, t in enumerate(res.trials):
+            tags = by_id[t["run_id"]].data.tags
+            assert tags["farm.pareto"] == str(i in res.front).lower()
+        chosen = [r for r in runs if r.data.tags["farm.chosen"] == "true"]
+        if res.chosen is None:  # no trial within eps of the distilled model
+            assert chosen == [] and all(v < (1 - cfg.sweep.eps) * res.r2_teacher_distilled for v in r2)
+        else:
+            assert [c.info.run_id for c in chosen] == [res.chosen_trial["run_id"]]
+    figs = artifact_paths(tracker, parent, "sweep")
+    assert {"sweep/pareto_sim1_0.png", "sweep/pareto_sim1_1.png"} <= figs
+
+    # Second run: the distilled models come from the cache and Tune restores the finished experiment.
+    exp_dir = Path(cfg.out_dir).resolve() / "tune" / job_id
+    assert tune.Tuner.can_restore(str(exp_dir))
+    cache = sorted((exp_dir / "distilled").rglob("*"))
+    assert any(p.name == "state_dict.pt" for p in cache)
+    stamps = {p: p.stat().st_mtime_ns for p in cache if p.is_file()}
+    again = run_sweep_job(cfg, progress=False, prepared=prepared)
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # not distilled again
+    assert len(tracker.child_runs(parent, "trial")) == len(trials)  # no trial re-run
+    assert [(r.neuron_id, r.chosen, r.r2_teacher_distilled) for r in again] == \
+           [(r.neuron_id, r.chosen, r.r2_teacher_distilled) for r in results]
