@@ -54,6 +54,8 @@ log = logging.getLogger(__name__)
 
 ALL_ANALYSES = ("synth", "natural", "adversarial", "saliency", "smooth_minus", "dots", "ablation")
 POPULATION_ANALYSES = ("kernel_similarity", "cka", "signal_correlation", "gallery")
+#: Analyses that need natural images (the rest run from the model alone).
+NEED_IMAGES = frozenset({"natural", "adversarial", "saliency", "smooth_minus"})
 
 
 @dataclass(frozen=True)
@@ -153,7 +155,8 @@ def run_all_analyses(model: CompactModel, images: np.ndarray, config: AnalysisCo
 
     images: uint8 (N, H, W, 3) natural images at the model's size: the bank to rank (use
       ``rank_natural_images`` over shards for a bank that does not fit in memory, and pass its top
-      images here), the adversarial base images and the normal-image baseline.
+      images here), the adversarial base images and the normal-image baseline. None: only the
+      analyses that need no images run (synth, dots, ablation); the others are skipped with a warning.
     calibration: (slope, intercept) from model output to spike counts (``fit_affine`` on recorded
       responses); the paper's %Δr metrics are computed on calibrated responses, and only where the
       baseline is positive.
@@ -162,11 +165,17 @@ def run_all_analyses(model: CompactModel, images: np.ndarray, config: AnalysisCo
     "params": {name: dict}}.
     """
     config = config or AnalysisConfig()
-    images = np.asarray(images)
+    todo = set(config.analyses)
+    if images is None:
+        skipped = sorted(todo & NEED_IMAGES)
+        if skipped:
+            log.warning("run_all_analyses: no natural images given; skipping %s", ", ".join(skipped))
+        todo -= NEED_IMAGES
+    else:
+        images = np.asarray(images)
     results: dict[str, Any] = {}
     figs: dict[str, Any] = {}
     metrics: dict[str, float] = {}
-    todo = set(config.analyses)
     label = title or (model.spec.neuron_ids[output] if model.spec.neuron_ids else f"output {output}")
 
     natural = None
@@ -215,7 +224,9 @@ def run_all_analyses(model: CompactModel, images: np.ndarray, config: AnalysisCo
             metrics[f"pct_adversarial_{tag}"] = percent_delta_r(_calibrated(r.responses, calibration),
                                                                 _calibrated(r.base_responses, calibration))
         figs["adversarial"] = figures.adversarial_figure(plus, minus, title=f"{label}: adversarial images")
-    top_image = natural.top_images[output, 0] if natural is not None and config.natural.keep_images else images[0]
+    top_image = None
+    if images is not None:
+        top_image = natural.top_images[output, 0] if natural is not None and config.natural.keep_images else images[0]
     if "saliency" in todo:
         sal = saliency_map(model, top_image, config.saliency, output,
                            normal_mean=float(natural.mean()[output]) if natural is not None else None,
@@ -242,8 +253,9 @@ def run_all_analyses(model: CompactModel, images: np.ndarray, config: AnalysisCo
         dt = results["dots"]
         cum = None
         if config.cumulative_layer is not None:
-            cum = dot_size_invariance(model, dt.preferred_location, replace(config.ablation, layer=config.cumulative_layer),
-                                      config.dots, output, cumulative=True, device=device)
+            cum = dot_size_invariance(model, dt.preferred_location,
+                                      replace(config.ablation, layer=config.cumulative_layer), config.dots, output,
+                                      cumulative=True, device=device)
             results[f"dsi_cumulative_layer{config.cumulative_layer}"] = cum
             metrics.update(cum.summary())
         for layer in config.ablation_layers:

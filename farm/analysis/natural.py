@@ -30,7 +30,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import torch
 
-from farm.analysis.common import check_images, eval_mode, model_device, to_model_input
+from farm.analysis.common import check_images, model_device, to_model_input
 from farm.models.compact import CompactModel
 
 

@@ -29,7 +29,6 @@ import torch.nn.functional as F
 
 from farm.analysis.common import check_images, check_size, predict
 from farm.data.images import recenter
-from farm.distill import smooth_kernels_
 from farm.models.compact import CompactModel, CompactSpec, build_compact
 
 
@@ -104,6 +103,8 @@ def train_shared(model: CompactModel, images: np.ndarray, targets: np.ndarray, p
                  ) -> SharedTrainResult:
     """Distill ``model`` (in place, moved to ``device``) on images uint8 (N, H, W, 3) and teacher
     responses ``targets`` (N, n_outputs). Deterministic for ``params.seed`` on CPU."""
+    from farm.distill import smooth_kernels_  # here: importing farm.analysis should not need the trainer
+
     params = params or SharedTrainParams()
     images = check_images(images, "shared training images")
     check_size(model, images, "shared training images")
