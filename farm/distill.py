@@ -1,0 +1,695 @@
+"""Distillation: teacher responses for an image bank, and training a compact student on them.
+
+Method: method.md §4 (distillation), §10 (PyTorch equivalences).
+
+- ``compute_teacher_responses``: ONE pass of the teacher over the images for ALL neurons (the teacher
+  is the expensive model; its response to an image is the same whichever neuron is being compressed),
+  cached on disk keyed by (teacher id, bank id).
+- ``distill``: MSE regression of one student onto one neuron's teacher responses. Adam (lr 1e-4,
+  Keras eps 1e-7), batch 64, BatchNorm in training mode, reshuffled every pass, no weight decay, no LR
+  schedule; separable Gaussian smoothing (sigma 0.5) of the depthwise kernels of layers 1-4 and of the
+  spatial readout maps at regular intervals (paper: after every 500 k of 12 M images, 24 times a pass).
+- ``smooth_kernels_``: that smoothing, equal to ``scipy.ndimage.gaussian_filter(sigma=0.5,
+  mode='reflect', truncate=4)`` over the two spatial axes.
+
+Images are uint8 RGB (N, H, W, 3) throughout; they are recentered batch by batch on the device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from farm.data.images import recenter
+from farm.models.compact import CompactModel
+
+log = logging.getLogger(__name__)
+
+RESPONSES_FILE = "teacher_responses.arrow"
+RESPONSES_FORMAT_VERSION = 1
+IMAGE_ID_COLUMN = "image_id"
+
+# ---------------------------------------------------------------------------------------------------
+# Teacher responses
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TeacherResponses:
+    """The teacher's response of every neuron to every image of a bank.
+
+    image_ids: int64 (N,), the bank's image ids (row i of ``responses`` is image ``image_ids[i]``).
+    responses: float32 (N, n_neurons), in the teacher's output units (often standardized).
+    neuron_ids: (n_neurons,) "<session>:<index>" ids of the columns.
+    teacher_id, bank_id: what produced the table and from which images (the cache key).
+    """
+
+    image_ids: np.ndarray
+    responses: np.ndarray
+    neuron_ids: tuple[str, ...]
+    teacher_id: str
+    bank_id: str
+
+    def __post_init__(self):
+        self.image_ids = np.asarray(self.image_ids, dtype=np.int64)
+        self.responses = np.asarray(self.responses, dtype=np.float32)
+        self.neuron_ids = tuple(str(n) for n in self.neuron_ids)
+        if self.image_ids.ndim != 1:
+            raise ValueError(f"TeacherResponses.image_ids must be 1-D (N,), got shape {self.image_ids.shape}")
+        if self.responses.ndim != 2 or self.responses.shape != (len(self.image_ids), len(self.neuron_ids)):
+            raise ValueError(
+                f"TeacherResponses.responses must be (N images, n_neurons) = "
+                f"({len(self.image_ids)}, {len(self.neuron_ids)}), got shape {self.responses.shape}")
+        if len(set(self.neuron_ids)) != len(self.neuron_ids):
+            raise ValueError("TeacherResponses.neuron_ids must be unique")
+        if IMAGE_ID_COLUMN in self.neuron_ids:
+            raise ValueError(f"TeacherResponses: {IMAGE_ID_COLUMN!r} is reserved and cannot be a neuron id")
+
+    @property
+    def n_images(self) -> int:
+        return int(self.responses.shape[0])
+
+    @property
+    def n_neurons(self) -> int:
+        return int(self.responses.shape[1])
+
+    def column(self, neuron_id: str) -> np.ndarray:
+        """The teacher's responses of one neuron to every image, float32 (N,)."""
+        try:
+            j = self.neuron_ids.index(str(neuron_id))
+        except ValueError:
+            raise KeyError(f"neuron {neuron_id!r} is not among this teacher's {self.n_neurons} neurons "
+                           f"({', '.join(self.neuron_ids[:5])}{', ...' if self.n_neurons > 5 else ''})") from None
+        return self.responses[:, j]
+
+    def to_arrow(self):
+        """A pyarrow Table: column ``image_id`` (int64) and one float32 column per neuron id."""
+        import pyarrow as pa
+
+        cols = {IMAGE_ID_COLUMN: pa.array(self.image_ids)}
+        for j, nid in enumerate(self.neuron_ids):
+            cols[nid] = pa.array(np.ascontiguousarray(self.responses[:, j]))
+        meta = {
+            "farm_kind": "TeacherResponses",
+            "format_version": str(RESPONSES_FORMAT_VERSION),
+            "teacher_id": self.teacher_id,
+            "bank_id": self.bank_id,
+            "neuron_ids": json.dumps(list(self.neuron_ids)),
+        }
+        return pa.table(cols).replace_schema_metadata(meta)
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``<directory>/teacher_responses.arrow`` (Arrow IPC file) atomically; returns its path."""
+        import pyarrow as pa
+
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        path = d / RESPONSES_FILE
+        table = self.to_arrow()
+        fd, tmp = tempfile.mkstemp(prefix=RESPONSES_FILE + ".", suffix=".tmp", dir=d)
+        os.close(fd)
+        try:
+            with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+                writer.write_table(table)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "TeacherResponses":
+        """Read a table written by ``save`` (``directory`` or the ``.arrow`` file itself)."""
+        import pyarrow as pa
+
+        p = Path(directory)
+        path = p if p.suffix == ".arrow" else p / RESPONSES_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no teacher responses here (expected a file written by "
+                                    f"TeacherResponses.save)")
+        try:
+            with pa.memory_map(str(path), "r") as source:
+                table = pa.ipc.open_file(source).read_all()
+        except pa.ArrowInvalid as e:
+            raise ValueError(f"{path}: not a readable Arrow IPC file: {e}") from e
+        meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+        if meta.get("farm_kind") != "TeacherResponses":
+            raise ValueError(f"{path}: schema metadata farm_kind={meta.get('farm_kind')!r}, "
+                             f"expected 'TeacherResponses'")
+        if meta.get("format_version") != str(RESPONSES_FORMAT_VERSION):
+            raise ValueError(f"{path}: format_version {meta.get('format_version')!r} is not supported "
+                             f"(expected {RESPONSES_FORMAT_VERSION})")
+        neuron_ids = tuple(json.loads(meta["neuron_ids"]))
+        missing = [c for c in (IMAGE_ID_COLUMN, *neuron_ids) if c not in table.column_names]
+        if missing:
+            raise ValueError(f"{path}: missing columns {missing[:5]}")
+        image_ids = table.column(IMAGE_ID_COLUMN).to_numpy()
+        responses = np.empty((table.num_rows, len(neuron_ids)), dtype=np.float32)
+        for j, nid in enumerate(neuron_ids):
+            responses[:, j] = table.column(nid).to_numpy()
+        return cls(image_ids=image_ids, responses=responses, neuron_ids=neuron_ids,
+                   teacher_id=meta["teacher_id"], bank_id=meta["bank_id"])
+
+
+def teacher_fingerprint(teacher) -> str | None:
+    """A stable id for a teacher: its ``teacher_id`` attribute, else a hash of the weights of its
+    ``models`` (CompactTeacher) and its neuron ids; None when neither exists."""
+    tid = getattr(teacher, "teacher_id", None)
+    if tid:
+        return str(tid)
+    models = getattr(teacher, "models", None)
+    if not models:
+        return None
+    h = hashlib.blake2b(digest_size=16)
+    h.update(json.dumps(list(teacher.neuron_ids)).encode())
+    for m in models:
+        spec = getattr(m, "spec", None)
+        if spec is not None:
+            h.update(json.dumps(spec.to_dict(), sort_keys=True).encode())
+        for name, t in m.state_dict().items():
+            h.update(name.encode())
+            h.update(t.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
+    return f"{type(teacher).__name__}-{h.hexdigest()}"
+
+
+def images_fingerprint(images: np.ndarray) -> str:
+    """A content hash of an image array (shape, dtype and bytes)."""
+    a = np.ascontiguousarray(images)
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{a.shape}{a.dtype}".encode())
+    h.update(memoryview(a).cast("B"))
+    return f"images-{h.hexdigest()}"
+
+
+def _slug(s: str) -> str:
+    clean = re.sub(r"[^A-Za-z0-9._-]+", "_", s)
+    if len(clean) <= 60:
+        return clean
+    return clean[:40] + "-" + hashlib.blake2b(s.encode(), digest_size=8).hexdigest()
+
+
+def responses_cache_path(cache_dir: str | Path, teacher_id: str, bank_id: str) -> Path:
+    """The folder that caches the responses of ``teacher_id`` to bank ``bank_id``."""
+    return Path(cache_dir) / f"{_slug(teacher_id)}__{_slug(bank_id)}"
+
+
+def _check_images(images, what: str) -> np.ndarray:
+    a = np.asarray(images)
+    if a.dtype != np.uint8 or a.ndim != 4 or a.shape[-1] != 3:
+        raise ValueError(f"{what} must be uint8 RGB (N, H, W, 3), got dtype {a.dtype} shape {a.shape}")
+    return a
+
+
+def compute_teacher_responses(teacher, bank_or_images, batch_size: int = 256,
+                              progress: Callable[[int, int | None], None] | None = None,
+                              cache_dir: str | Path | None = None, teacher_id: str | None = None,
+                              bank_id: str | None = None) -> TeacherResponses:
+    """Every neuron's teacher response to every image, in ONE pass over the images.
+
+    teacher: a ``farm.models.base.Teacher`` (``predict(uint8 (n, H, W, 3)) -> (n, neurons)``).
+    bank_or_images: an image bank with ``iter_shards()`` -> (ids, images uint8, kinds) and ``bank_id``
+        (streamed shard by shard, so the bank never has to fit in memory), or a uint8 array
+        (N, H, W, 3) whose image ids are 0..N-1.
+    progress: called as ``progress(images_done, images_total_or_None)`` after every shard/batch.
+    cache_dir: when given, the table is stored under ``cache_dir`` keyed by (teacher id, bank id); a
+        later call with the same key loads it instead of running the teacher.
+    teacher_id / bank_id: override the ids (default: ``teacher_fingerprint(teacher)``; the bank's
+        ``bank_id``, or a content hash of an image array).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    neuron_ids = tuple(str(n) for n in teacher.neuron_ids)
+    is_bank = hasattr(bank_or_images, "iter_shards")
+    if not is_bank:
+        images = _check_images(bank_or_images, "compute_teacher_responses: images")
+    tid = teacher_id or teacher_fingerprint(teacher)
+    if bank_id is None:
+        bank_id = getattr(bank_or_images, "bank_id", None) if is_bank else images_fingerprint(images)
+
+    cache = None
+    if cache_dir is not None:
+        if not tid:
+            raise ValueError(f"compute_teacher_responses: cannot cache the responses of a "
+                             f"{type(teacher).__name__} without an id: give it a teacher_id attribute "
+                             f"or pass teacher_id=")
+        if not bank_id:
+            raise ValueError("compute_teacher_responses: cannot cache without a bank id: the bank has "
+                             "no bank_id; pass bank_id=")
+        cache = responses_cache_path(cache_dir, tid, str(bank_id))
+        if (cache / RESPONSES_FILE).is_file():
+            cached = TeacherResponses.load(cache)
+            if (cached.teacher_id, cached.bank_id, cached.neuron_ids) != (tid, str(bank_id), neuron_ids):
+                raise ValueError(f"{cache}: cached responses are for teacher {cached.teacher_id!r}, bank "
+                                 f"{cached.bank_id!r} and {cached.n_neurons} neurons, not for this "
+                                 f"request; delete the folder")
+            log.info("teacher responses loaded from cache %s", cache)
+            return cached
+
+    if is_bank:
+        total = len(bank_or_images) if hasattr(bank_or_images, "__len__") else None
+        shards = ((np.asarray(ids, dtype=np.int64), _check_images(imgs, "bank shard"))
+                  for ids, imgs, *_ in bank_or_images.iter_shards())
+    else:
+        total = len(images)
+        shards = ((np.arange(s, min(s + batch_size, total), dtype=np.int64), images[s:s + batch_size])
+                  for s in range(0, total, batch_size))
+    all_ids, all_resp, done = [], [], 0
+    for ids, imgs in shards:
+        if len(ids) != len(imgs):
+            raise ValueError(f"bank shard has {len(ids)} ids for {len(imgs)} images")
+        r = np.asarray(teacher.predict(imgs, batch_size=batch_size), dtype=np.float32)
+        if r.shape != (len(imgs), len(neuron_ids)):
+            raise ValueError(f"teacher.predict returned shape {r.shape} for {len(imgs)} images and "
+                             f"{len(neuron_ids)} neurons; expected (images, neurons)")
+        all_ids.append(ids)
+        all_resp.append(r)
+        done += len(imgs)
+        if progress is not None:
+            progress(done, total)
+    if not all_ids:
+        raise ValueError("compute_teacher_responses: no images")
+    result = TeacherResponses(image_ids=np.concatenate(all_ids), responses=np.concatenate(all_resp),
+                              neuron_ids=neuron_ids, teacher_id=tid or "unknown",
+                              bank_id=str(bank_id or "unknown"))
+    if cache is not None:
+        result.save(cache)
+    return result
+
+
+def split_heldout(n: int, n_heldout: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Random split of n image indices into (train, heldout), both sorted int64 arrays.
+
+    The paper holds out 5 k of its 10 k test images for pruning and monitoring (method.md §1.3, §5.1).
+    """
+    if not 0 < n_heldout < n:
+        raise ValueError(f"split_heldout: need 0 < n_heldout < n, got n_heldout={n_heldout}, n={n}")
+    perm = np.random.default_rng(seed).permutation(n)
+    return np.sort(perm[n_heldout:]).astype(np.int64), np.sort(perm[:n_heldout]).astype(np.int64)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Smoothing
+# ---------------------------------------------------------------------------------------------------
+
+
+def gaussian_weights(sigma: float, truncate: float = 4.0) -> np.ndarray:
+    """scipy.ndimage's 1-D Gaussian: radius int(truncate * sigma + 0.5), normalized to sum 1.
+
+    sigma 0.5 -> [0.000264, 0.106451, 0.786571, 0.106451, 0.000264].
+    """
+    radius = int(truncate * sigma + 0.5)
+    x = np.arange(-radius, radius + 1, dtype=np.float64)
+    w = np.exp(-0.5 * (x / sigma) ** 2)
+    return w / w.sum()
+
+
+def smoothing_matrix(n: int, sigma: float, truncate: float = 4.0) -> np.ndarray:
+    """(n, n) matrix M with (M @ v) = v smoothed by the Gaussian under scipy's 'reflect' boundary
+    (half-sample symmetric: d c b a | a b c d | d c b a), for any n >= 1."""
+    w = gaussian_weights(sigma, truncate)
+    r = len(w) // 2
+    m = np.zeros((n, n), dtype=np.float64)
+    for i in range(n):
+        for k, wk in enumerate(w):
+            j = (i + k - r) % (2 * n)
+            if j >= n:
+                j = 2 * n - 1 - j
+            m[i, j] += wk
+    return m
+
+
+def _smooth_last_two_(t: torch.Tensor, sigma: float) -> None:
+    """Smooth a (..., H, W) tensor in place over its last two axes."""
+    h, w = t.shape[-2:]
+    mh = torch.as_tensor(smoothing_matrix(h, sigma), dtype=torch.float64, device=t.device)
+    mw = torch.as_tensor(smoothing_matrix(w, sigma), dtype=torch.float64, device=t.device)
+    out = torch.einsum("ia,...ab,jb->...ij", mh, t.to(torch.float64), mw)
+    t.copy_(out.to(t.dtype))
+
+
+@torch.no_grad()
+def smooth_kernels_(model: CompactModel, sigma: float = 0.5) -> CompactModel:
+    """Gaussian-smooth (in place) the depthwise 5x5 kernels of layers 1-4 and the spatial readout
+    maps (R x R per layer-4 filter, or per output for a factorized readout). The layer-0 RGB kernels
+    are never smoothed (method.md §4: "hurts performance"). Returns ``model``."""
+    if sigma <= 0:
+        return model
+    for layer in range(1, 5):
+        _smooth_last_two_(model.depthwise(layer).weight, sigma)  # (K, 1, 5, 5)
+    if model.spec.readout == "dense":
+        maps = model.readout_maps()  # (R, R, K4) view into the Linear weight
+        _smooth_last_two_(maps.permute(2, 0, 1), sigma)
+    else:
+        _smooth_last_two_(model.spatial, sigma)  # (n_outputs, R, R)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DistillConfig:
+    """How one student is trained on (image, teacher response) pairs. Defaults are the paper's.
+
+    batch_size, lr, betas, adam_eps: Adam as Keras (method.md §4; eps 1e-7 is Keras's default).
+    passes: training amount as passes over the given images (paper: 1 pass over 12 M images);
+        n_images, when set, overrides it with a number of images seen (rounded up to whole batches).
+    smooth_every_images: smooth the kernels after every this many images; None = the paper's ratio,
+        24 times per run (every 500 k of 12 M). The final state is always smoothed, as in the paper,
+        whose run ends with a smoothing. smooth_sigma 0 turns smoothing off.
+    augment: on-the-fly augmentation (``farm.data.images.augment``) of every batch. Only valid when
+        ``distill`` is given a ``teacher`` to re-query on the augmented images: the teacher's
+        response to the original image is not the right target for an altered one. The paper does
+        not augment (method.md §11 item 12).
+    lr_schedule: "constant" (the paper's) or "cosine" (lr decays to 0 by the last step; steadier
+        end points for short runs, where the paper's constant rate leaves the final weights noisy).
+    grad_clip: Keras-style element-wise gradient clip value (paper: none for per-neuron models,
+        0.5 for shared ones); None = off.
+    seed: batch order (and augmentation); weights are initialised by ``build_compact``.
+    amp_bf16, channels_last: CUDA only (ignored on CPU): bf16 autocast and NHWC memory format.
+    log_every_steps: how often ``callback`` is called and ``history`` grows.
+    eval_every_images: how often the evaluation set (if given) is scored; None = at every
+        smoothing point (the paper monitors after every zip). Always scored at the end.
+    bn_recalibrate_images: at the end of training (and before every evaluation) the BatchNorm
+        running statistics are recomputed as plain averages over this many training images; 0 keeps
+        the paper's momentum averages (Keras momentum 0.99 = torch 0.01), which reflect the weights of
+        the last ~100 steps. In a 192 k-step run at lr 1e-4 the two agree; in a short run the momentum
+        averages lag the weights and the eval-mode model (used by pruning and every prediction) can
+        lose most of its R² (measured: 0.2-0.45 vs 0.6-0.65 at 16 px after 400 steps). Only these
+        statistics change: training uses batch statistics, so the weights are the same either way.
+    eval_batch_size: batch size of predictions on the evaluation images.
+    """
+
+    batch_size: int = 64
+    lr: float = 1e-4
+    adam_eps: float = 1e-7
+    betas: tuple[float, float] = (0.9, 0.999)
+    loss: str = "mse"
+    lr_schedule: str = "constant"
+    passes: float = 1.0
+    n_images: int | None = None
+    smooth_every_images: int | None = None
+    smooth_sigma: float = 0.5
+    augment: bool = False
+    grad_clip: float | None = None
+    seed: int = 0
+    amp_bf16: bool = True
+    channels_last: bool = True
+    log_every_steps: int = 100
+    eval_every_images: int | None = None
+    bn_recalibrate_images: int = 1024
+    eval_batch_size: int = 256
+
+    def __post_init__(self):
+        self.betas = tuple(float(b) for b in self.betas)
+        if self.batch_size < 1:
+            raise ValueError(f"DistillConfig.batch_size must be >= 1, got {self.batch_size}")
+        if self.lr <= 0:
+            raise ValueError(f"DistillConfig.lr must be > 0, got {self.lr}")
+        if self.loss != "mse":
+            raise ValueError(f"DistillConfig.loss: only 'mse' (the paper's) is implemented, got {self.loss!r}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"DistillConfig.lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
+        if self.n_images is None and not self.passes > 0:
+            raise ValueError(f"DistillConfig.passes must be > 0, got {self.passes}")
+        if self.n_images is not None and self.n_images < 1:
+            raise ValueError(f"DistillConfig.n_images must be >= 1, got {self.n_images}")
+        if self.smooth_every_images is not None and self.smooth_every_images < 1:
+            raise ValueError(f"DistillConfig.smooth_every_images must be >= 1 or None, got "
+                             f"{self.smooth_every_images}")
+        if self.smooth_sigma < 0:
+            raise ValueError(f"DistillConfig.smooth_sigma must be >= 0, got {self.smooth_sigma}")
+        if self.eval_every_images is not None and self.eval_every_images < 1:
+            raise ValueError(f"DistillConfig.eval_every_images must be >= 1 or None, got "
+                             f"{self.eval_every_images}")
+        if self.bn_recalibrate_images < 0:
+            raise ValueError(f"DistillConfig.bn_recalibrate_images must be >= 0, got {self.bn_recalibrate_images}")
+        if self.log_every_steps < 1:
+            raise ValueError(f"DistillConfig.log_every_steps must be >= 1, got {self.log_every_steps}")
+
+    def total_images(self, n_available: int) -> int:
+        """Images seen in a run over ``n_available`` images."""
+        return self.n_images if self.n_images is not None else math.ceil(self.passes * n_available)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DistillConfig":
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown DistillConfig fields: {sorted(unknown)}")
+        return cls(**d)
+
+
+@dataclass
+class DistillResult:
+    """model: the trained student (train mode off, on the training device).
+    history: one dict per log point: step, images_seen, loss (mean MSE since the previous point),
+    seconds, smoothed (bool), and eval_r2 (squared Pearson r student vs teacher on the evaluation
+    images) at smoothing points when an evaluation set was given."""
+
+    model: CompactModel
+    history: list[dict] = field(default_factory=list)
+    steps: int = 0
+    images_seen: int = 0
+    seconds: float = 0.0
+
+
+@torch.no_grad()
+def predict(model: CompactModel, images: np.ndarray, batch_size: int = 256,
+            device: str | torch.device | None = None) -> np.ndarray:
+    """Model outputs on uint8 images (N, H, W, 3) in eval mode -> float32 (N,) for one output or
+    (N, n_outputs). ``device``: where the model is (default: where its parameters are). The model's
+    train/eval mode is restored afterwards."""
+    images = _check_images(images, "predict: images")
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        out = [model(recenter(images[s:s + batch_size], dev)).float().cpu()
+               for s in range(0, len(images), batch_size)]
+    finally:
+        model.train(was_training)
+    y = torch.cat(out).numpy()
+    return y[:, 0] if y.shape[1] == 1 else y
+
+
+@torch.no_grad()
+def recalibrate_bn_(model: CompactModel, images: np.ndarray | torch.Tensor, batch_size: int = 256,
+                    device: str | torch.device | None = None) -> CompactModel:
+    """Set every BatchNorm's running mean / variance to the average of its batch statistics over
+    ``images`` (uint8 (N, H, W, 3)), in place, without touching any weight. Returns ``model`` in the
+    train/eval mode it had."""
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    bns = [model.bn(l) for l in range(5)]
+    momenta = [bn.momentum for bn in bns]
+    was_training = model.training
+    try:
+        for bn in bns:
+            bn.reset_running_stats()
+            bn.momentum = None  # cumulative average over the batches below
+        model.train()
+        for s in range(0, len(images), batch_size):
+            batch = images[s:s + batch_size]
+            if len(batch) < 2:
+                continue
+            model(recenter(batch, dev))
+    finally:
+        for bn, m in zip(bns, momenta):
+            bn.momentum = m
+        model.train(was_training)
+    return model
+
+
+def squared_pearson(a: np.ndarray, b: np.ndarray) -> float:
+    """Squared Pearson correlation of two 1-D arrays (the paper's student-vs-teacher "fv")."""
+    from farm.metrics import r2_raw
+
+    return float(r2_raw(np.asarray(a, np.float64), np.asarray(b, np.float64))[0])
+
+
+def _targets_array(targets, n: int, what: str) -> np.ndarray:
+    t = np.asarray(targets, dtype=np.float32)
+    if t.ndim == 2 and t.shape[1] == 1:
+        t = t[:, 0]
+    if t.shape != (n,):
+        raise ValueError(f"{what} must be (N,) = ({n},) one value per image, got shape {t.shape}")
+    if not np.all(np.isfinite(t)):
+        raise ValueError(f"{what} contains NaN or inf")
+    return t
+
+
+def distill(student: CompactModel, images: np.ndarray, targets: np.ndarray | None,
+            config: DistillConfig | None = None, device: str | torch.device = "cpu",
+            threads: int | None = None, callback: Callable[[int, dict], None] | None = None,
+            eval_images: np.ndarray | None = None, eval_targets: np.ndarray | None = None,
+            teacher=None, neuron_id: str | None = None) -> DistillResult:
+    """Train ``student`` (in place, moved to ``device``) to regress one neuron's teacher response.
+
+    images: uint8 (N, H, W, 3), H = W = student.spec.image_size.
+    targets: float (N,) teacher responses to ``images`` (teacher units). May be None when
+        ``config.augment`` is on: the targets then come from ``teacher`` on every augmented batch.
+    config: DistillConfig (paper defaults when None). A fresh Adam is created on every call, so
+        retraining after pruning is the same call on the narrow model (method.md §5.5).
+    threads: if given, ``torch.set_num_threads(threads)`` (a Ray task's CPU share).
+    callback: ``callback(step, info)`` at every log point; ``info`` is the history entry.
+    eval_images, eval_targets: an evaluation set (e.g. held-out bank images and the teacher's
+        responses) scored at every smoothing point and at the end.
+    teacher, neuron_id: a Teacher and the neuron to re-query on augmented batches (augment only).
+
+    Deterministic for ``config.seed`` on CPU with a fixed thread count.
+    """
+    config = config or DistillConfig()
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    images = _check_images(images, "distill: images")
+    n = len(images)
+    size = student.spec.image_size
+    if images.shape[1:3] != (size, size):
+        raise ValueError(f"distill: images are {images.shape[1]}x{images.shape[2]} px but the student "
+                         f"takes {size}x{size} (spec.image_size)")
+    if n < 2:
+        raise ValueError(f"distill: need at least 2 training images, got {n}")
+    column = None
+    if config.augment:
+        if teacher is None or neuron_id is None:
+            raise ValueError("distill: config.augment needs teacher= and neuron_id= to re-query the "
+                             "teacher on augmented images (the original image's response is not the "
+                             "target for an altered image)")
+        column = list(map(str, teacher.neuron_ids)).index(str(neuron_id))
+        if targets is not None:
+            targets = _targets_array(targets, n, "distill: targets")
+    else:
+        if targets is None:
+            raise ValueError("distill: targets are required unless config.augment is on")
+        targets = _targets_array(targets, n, "distill: targets")
+    if (eval_images is None) != (eval_targets is None):
+        raise ValueError("distill: pass both eval_images and eval_targets, or neither")
+    if eval_images is not None:
+        eval_images = _check_images(eval_images, "distill: eval_images")
+        eval_targets = _targets_array(eval_targets, len(eval_images), "distill: eval_targets")
+
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    student.to(dev)
+    memory_format = torch.channels_last if (cuda and config.channels_last) else torch.contiguous_format
+    if cuda and config.channels_last:
+        student.to(memory_format=torch.channels_last)
+    student.train()
+    opt = torch.optim.Adam(student.parameters(), lr=config.lr, betas=config.betas, eps=config.adam_eps)
+
+    total_images = config.total_images(n)
+    bs = config.batch_size
+    total_steps = math.ceil(total_images / bs)
+    smooth_every = config.smooth_every_images or max(1, round(total_images / 24))
+    smooth_every_steps = max(1, round(smooth_every / bs))
+    eval_every_steps = (max(1, round(config.eval_every_images / bs)) if config.eval_every_images
+                        else smooth_every_steps)
+
+    gen = torch.Generator().manual_seed(int(config.seed))
+    n_recal = min(config.bn_recalibrate_images, n)
+    recal_idx = (torch.randperm(n, generator=torch.Generator().manual_seed(int(config.seed) + 1))[:n_recal]
+                 if n_recal >= 2 else None)
+    aug_rng = np.random.default_rng([int(config.seed), 1])
+    # The uint8 images stay on the host unless they are small enough to sit on the GPU whole.
+    images_t = torch.from_numpy(images)
+    if cuda and images.nbytes <= 2 * 1024 ** 3:
+        images_t = images_t.to(dev)
+    targets_t = torch.from_numpy(targets).to(dev) if targets is not None else None
+    if config.augment:
+        from farm.data.images import augment as augment_images
+
+    history: list[dict] = []
+    loss_sum = torch.zeros((), device=dev, dtype=torch.float64)
+    loss_count = 0
+    order = torch.empty(0, dtype=torch.long)
+    pos = 0
+    t0 = time.perf_counter()
+    step = 0
+    for step in range(1, total_steps + 1):
+        # A stream of fresh permutations: every pass is reshuffled (Keras fit(shuffle=True)); a batch
+        # may straddle two passes so that every batch is full.
+        parts = []
+        need = bs
+        while need > 0:
+            if pos >= len(order):
+                order = torch.randperm(n, generator=gen)
+                pos = 0
+            take = order[pos:pos + need]
+            parts.append(take)
+            pos += len(take)
+            need -= len(take)
+        idx = parts[0] if len(parts) == 1 else torch.cat(parts)
+
+        if config.augment:
+            batch_np = augment_images(images[idx.numpy()], aug_rng)
+            y = torch.from_numpy(np.asarray(teacher.predict(batch_np), dtype=np.float32)[:, column]).to(dev)
+            x = recenter(batch_np, dev)
+        else:
+            x = recenter(images_t[idx.to(images_t.device)], dev)
+            y = targets_t[idx.to(dev)]
+        if memory_format is torch.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and config.amp_bf16):
+            out = student(x)[:, 0]
+        loss = F.mse_loss(out.float(), y)
+        if config.lr_schedule == "cosine":
+            for group in opt.param_groups:
+                group["lr"] = config.lr * 0.5 * (1 + math.cos(math.pi * (step - 1) / total_steps))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip is not None:
+            torch.nn.utils.clip_grad_value_(student.parameters(), config.grad_clip)
+        opt.step()
+        loss_sum += loss.detach()
+        loss_count += 1
+
+        smoothed = False
+        if config.smooth_sigma > 0 and (step % smooth_every_steps == 0 or step == total_steps):
+            smooth_kernels_(student, config.smooth_sigma)
+            smoothed = True
+        evaluate = eval_images is not None and (step % eval_every_steps == 0 or step == total_steps)
+        if step % config.log_every_steps == 0 or step == total_steps or evaluate:
+            mean_loss = float(loss_sum) / loss_count
+            if not math.isfinite(mean_loss):
+                raise FloatingPointError(f"distill: loss became {mean_loss} by step {step} "
+                                         f"(lr {config.lr}); check the targets' scale")
+            info = {"step": step, "images_seen": step * bs, "loss": mean_loss, "lr": opt.param_groups[0]["lr"],
+                    "seconds": time.perf_counter() - t0, "smoothed": smoothed}
+            if evaluate:
+                if recal_idx is not None:
+                    recalibrate_bn_(student, images_t[recal_idx.to(images_t.device)],
+                                    config.eval_batch_size, dev)
+                pred = predict(student, eval_images, config.eval_batch_size)
+                info["eval_r2"] = squared_pearson(eval_targets, pred)
+            history.append(info)
+            if callback is not None:
+                callback(step, info)
+            loss_sum.zero_()
+            loss_count = 0
+
+    if recal_idx is not None and eval_images is None:  # with an eval set it happened at the last step
+        recalibrate_bn_(student, images_t[recal_idx.to(images_t.device)], config.eval_batch_size, dev)
+    student.eval()
+    if memory_format is torch.channels_last:
+        student.to(memory_format=torch.contiguous_format)
+    return DistillResult(model=student, history=history, steps=step, images_seen=step * bs,
+                         seconds=time.perf_counter() - t0)
