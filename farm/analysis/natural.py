@@ -39,7 +39,9 @@ class NaturalParams:
     """top_k: images kept per column (the paper showed the top images of a 500 k bank).
     n_random: size of the random "normal" sample (baseline of %Δr, estimates of percentiles).
     seed: salt of the sample's hash priorities.
-    keep_images: keep the top images' pixels (else only ids and responses).
+    keep_images: keep the top images' pixels (else only ids and responses). They cost
+      columns x top_k x H x W x 3 bytes (219 columns x 100 x 112 px = 820 MB): for many columns turn
+      it off and read the few images needed by id (``ImageBank.read``).
     kinds: keep only bank images of these kinds (e.g. ("natural",)); None = all.
     batch_size: images per forward pass.
     """
