@@ -15,8 +15,9 @@ PUBLISHED_DIR = SHARED / "models" / "published"
 
 
 def pytest_configure(config):
-    # Two cores on CI: keep torch from oversubscribing them; tests stay deterministic.
-    torch.set_num_threads(int(os.environ.get("FARM_TEST_THREADS", "2")))
+    # One torch thread: test models are tiny (a second thread costs more than it gives, measured
+    # 2.5 ms -> 56 ms per forward under load), and Ray workers in the same run need the other core.
+    torch.set_num_threads(int(os.environ.get("FARM_TEST_THREADS", "1")))
 
 
 @pytest.fixture(scope="session")
