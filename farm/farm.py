@@ -10,6 +10,7 @@ that already have a FINISHED run.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -82,11 +83,25 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
     runtime_env = {"env_vars": env}
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
+        # Inside a Ray Job, Ray merges the job's runtime env with this one and refuses an env var
+        # set in both: the job's own values win (they are in this driver's environment already).
+        job_env = _job_env_vars()
+        runtime_env = {"env_vars": {k: v for k, v in env.items() if k not in job_env}}
         # num_cpus/object_store_memory must not be given when joining a cluster (ecosystem §7.13).
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
         ray.init(num_cpus=num_cpus, object_store_memory=object_store_memory, include_dashboard=False,
                  runtime_env=runtime_env, log_to_driver=True)
+
+
+def _job_env_vars() -> dict:
+    """The env_vars of the Ray Job this driver runs in ({} outside a Ray Job)."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return {}
+    from ray.job_config import JobConfig
+
+    return dict((JobConfig.from_json(json.loads(raw)).runtime_env or {}).get("env_vars") or {})
 
 
 def task_threads() -> int:
