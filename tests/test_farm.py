@@ -417,26 +417,53 @@ def _tail(path: Path, n: int = 3000) -> str:
 
 # -- the sweep (slow: Tune) -------------------------------------------------------------------------
 @pytest.mark.slow
-def test_sweep_trials_pareto_chosen_cache_and_restore(tiny_base, local_ray, tmp_path):
+def test_sweep_trials_pareto_chosen_cache_and_resume(tiny_base, local_ray, tmp_path):
+    """First run: sim1:1's cached distilled model is unreadable, so its trials error (sim1:0's
+    finish). Second run, cache repaired: Tune resumes the experiment (Tuner.restore), re-runs only
+    the errored trials, and sim1:0 is neither distilled nor tried again."""
+    import torch
     from ray import tune
 
+    from farm.models.compact import CompactSpec, build_compact, save_compact
     from farm.pipeline import prepare_job, run_sweep_job
     from farm.sweep import choose_model, pareto_front
 
-    cfg = load_job_config(write_config(tmp_path, tiny_base))
-    prepared = prepare_job(cfg)
-    results = run_sweep_job(cfg, progress=False, prepared=prepared)
-    tracker = Tracker.open(cfg.tracking.uri, "tiny")
+    cfg = load_job_config(write_config(tmp_path, tiny_base, sweep={"max_failures": 0}))
     job_id = cfg.resolved_job_id() + "-sweep"
+    exp_dir = Path(cfg.out_dir).resolve() / "tune" / job_id
+    broken = exp_dir / "distilled" / "sim1_1"
+    save_compact(build_compact(CompactSpec(filters=(6,) * 5, image_size=16, neuron_ids=("sim1:1",))), broken)
+    (broken / "state_dict.pt").write_bytes(b"not a state dict")
+    (broken / "distilled.json").write_text(
+        '{"neuron_id": "sim1:1", "r2_teacher_distilled": 0.5, "seconds": 0, "dir": "%s"}' % broken)
+    prepared = prepare_job(cfg)
+
+    first = run_sweep_job(cfg, progress=False, prepared=prepared)
+    tracker = Tracker.open(cfg.tracking.uri, "tiny")
     parents = tracker.client.search_runs([tracker.experiment_id], f"tags.`{TAG_KIND}` = 'sweep'")
     assert len(parents) == 1 and parents[0].data.tags[TAG_JOB] == job_id
     parent = parents[0].info.run_id
-    assert parents[0].info.status == "FINISHED"
+    assert [r.neuron_id for r in first] == ["sim1:0", "sim1:1"]
+    assert len(first[0].trials) == len(cfg.sweep.taus) and first[1].trials == [] and first[1].chosen is None
+    runs0 = {r.info.run_id for r in tracker.child_runs(parent, "trial")}
+    assert len(runs0) == len(cfg.sweep.taus)
+    assert tune.Tuner.can_restore(str(exp_dir))
+    cached0 = exp_dir / "distilled" / "sim1_0"
+    stamps = {p: p.stat().st_mtime_ns for p in cached0.iterdir()}
+    assert {"distilled.json", "state_dict.pt", "spec.json"} <= {p.name for p in stamps}
+
+    shutil.rmtree(broken)  # repaired: sim1:1 is distilled for real on the next run
+    results = run_sweep_job(cfg, progress=False, prepared=prepared)
+    assert {p: p.stat().st_mtime_ns for p in cached0.iterdir()} == stamps  # sim1:0 not distilled again
+    assert torch.load(broken / "state_dict.pt", weights_only=True)  # sim1:1 now is
+    assert tracker.client.get_run(parent).info.status == "FINISHED"
 
     trials = tracker.child_runs(parent, "trial")
-    assert len(trials) == 2 * len(cfg.sweep.taus)  # one run per (neuron, tau, criterion)
+    assert len(trials) == 2 * len(cfg.sweep.taus)  # one run per (neuron, tau, criterion): no re-runs
+    assert runs0 <= {r.info.run_id for r in trials}
     assert {r.info.status for r in trials} == {"FINISHED"}
     assert [r.neuron_id for r in results] == ["sim1:0", "sim1:1"]
+    assert results[0].r2_teacher_distilled == first[0].r2_teacher_distilled
     for res in results:
         runs = [r for r in trials if r.data.tags[TAG_NEURON] == res.neuron_id]
         assert sorted(float(r.data.params["tau"]) for r in runs) == sorted(cfg.sweep.taus)
@@ -447,24 +474,10 @@ def test_sweep_trials_pareto_chosen_cache_and_restore(tiny_base, local_ray, tmp_
         assert res.front == pareto_front(p, r2) and len(res.front) >= 1
         assert res.chosen == choose_model(p, r2, res.r2_teacher_distilled, cfg.sweep.eps)
         for i, t in enumerate(res.trials):
-            tags = by_id[t["run_id"]].data.tags
-            assert tags["farm.pareto"] == str(i in res.front).lower()
+            assert by_id[t["run_id"]].data.tags["farm.pareto"] == str(i in res.front).lower()
         chosen = [r for r in runs if r.data.tags["farm.chosen"] == "true"]
         if res.chosen is None:  # no trial within eps of the distilled model
             assert chosen == [] and all(v < (1 - cfg.sweep.eps) * res.r2_teacher_distilled for v in r2)
         else:
             assert [c.info.run_id for c in chosen] == [res.chosen_trial["run_id"]]
-    figs = artifact_paths(tracker, parent, "sweep")
-    assert {"sweep/pareto_sim1_0.png", "sweep/pareto_sim1_1.png"} <= figs
-
-    # Second run: the distilled models come from the cache and Tune restores the finished experiment.
-    exp_dir = Path(cfg.out_dir).resolve() / "tune" / job_id
-    assert tune.Tuner.can_restore(str(exp_dir))
-    cache = sorted((exp_dir / "distilled").rglob("*"))
-    assert any(p.name == "state_dict.pt" for p in cache)
-    stamps = {p: p.stat().st_mtime_ns for p in cache if p.is_file()}
-    again = run_sweep_job(cfg, progress=False, prepared=prepared)
-    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # not distilled again
-    assert len(tracker.child_runs(parent, "trial")) == len(trials)  # no trial re-run
-    assert [(r.neuron_id, r.chosen, r.r2_teacher_distilled) for r in again] == \
-           [(r.neuron_id, r.chosen, r.r2_teacher_distilled) for r in results]
+    assert {"sweep/pareto_sim1_0.png", "sweep/pareto_sim1_1.png"} <= artifact_paths(tracker, parent, "sweep")
