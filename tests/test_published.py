@@ -318,9 +318,11 @@ def test_published_models_predict_190923_second_half(published_dir, second_half)
     Independently measured medians: 0.404 (33 per-neuron models), 0.409 (shared, 200 filters).
     """
     images, responses = second_half
-    per_neuron = published_compact_teacher(published_dir, SESSION).predict(images, batch_size=16)
+    # ~150 s of CPU on one core. Small batches keep each 112 px activation under glibc's 32 MB mmap
+    # threshold; larger ones spend as long again in the kernel zeroing fresh pages.
+    per_neuron = published_compact_teacher(published_dir, SESSION).predict(images, batch_size=8)
     shared = shared_compact_teacher(shared_compact_path(published_dir, "from_ensemble_model", 200),
-                                    sessions=SESSION).predict(images, batch_size=16)
+                                    sessions=SESSION).predict(images, batch_size=4)
     for name, pred in (("per-neuron", per_neuron), ("shared", shared)):
         assert pred.shape == (len(SECOND_HALF), N_NEURONS)
         r = pearson_rows(pred.T.astype(np.float64), responses)
