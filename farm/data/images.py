@@ -408,6 +408,8 @@ class BankConfig:
             raise ValueError(f"BankConfig.n_images must be >= 1, got {self.n_images}")
         if self.image_size < 4:
             raise ValueError(f"BankConfig.image_size must be >= 4, got {self.image_size}")
+        if int(self.seed) < 0:
+            raise ValueError(f"BankConfig.seed must be >= 0, got {self.seed}")
         if self.shard_size < 1:
             raise ValueError(f"BankConfig.shard_size must be >= 1, got {self.shard_size}")
         unknown = set(self.proportions) - set(BANK_KINDS)
@@ -476,7 +478,8 @@ class _Sources:
         else:
             arrays = list(source_images)
         self.arrays = [_check_images(a, f"source_images[{i}]") for i, a in enumerate(arrays)]
-        self.arrays = [a for a in self.arrays if len(a)]
+        # sessions without published images have (N, 0, 0, 3) arrays: nothing to crop from
+        self.arrays = [a for a in self.arrays if a.size]
         self.offsets = np.cumsum([0] + [len(a) for a in self.arrays])
 
     def __len__(self) -> int:
@@ -510,8 +513,9 @@ def _generate(kind: str, count: int, config: BankConfig, sources: _Sources,
         return np.empty((0, s, s, 3), dtype=np.uint8)
     if kind in ("natural", "gaudy") and len(sources):
         picks = rng.integers(0, len(sources), count)
-        imgs = np.concatenate([augment(sources[int(p)][None], rng, config.crop_scale, True, config.jitter, s)
-                               for p in picks])
+        imgs = np.empty((count, s, s, 3), dtype=np.uint8)
+        for j, p in enumerate(picks):
+            imgs[j] = augment(sources[int(p)][None], rng, config.crop_scale, True, config.jitter, s)[0]
         return gaudy(imgs, config.gaudy_sigma) if kind == "gaudy" else imgs
     if kind == "natural":
         raise ValueError("build_bank(): the 'natural' kind needs source_images (none were given)")
@@ -534,7 +538,7 @@ def _shard_table(first_id: int, kinds: np.ndarray, images: np.ndarray):
     n, s = len(images), images.shape[1]
     width = s * s * 3
     pixels = pa.FixedSizeBinaryArray.from_buffers(
-        pa.binary(width), n, [None, pa.py_buffer(np.ascontiguousarray(images).tobytes())])
+        pa.binary(width), n, [None, pa.py_buffer(np.ascontiguousarray(images))])
     return pa.table({
         "image_id": pa.array(np.arange(first_id, first_id + n, dtype=np.int64)),
         "kind": pa.array(kinds.astype(str).tolist(), type=pa.string()),

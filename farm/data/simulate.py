@@ -97,6 +97,8 @@ class SimulationConfig:
         for name in ("n_neurons", "n_sessions", "n_images", "n_calibration"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"SimulationConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if int(self.seed) < 0:
+            raise ValueError(f"SimulationConfig.seed must be >= 0, got {self.seed}")
         if self.image_size < 8:
             raise ValueError(f"SimulationConfig.image_size must be >= 8, got {self.image_size}")
         if self.repeats[0] < 1:
@@ -204,7 +206,7 @@ class _PackedNeurons:
                 self.depth.append(F.pad(depth, (lead, 0, lead, 0)))
                 self.padding.append(pad)
                 k_in, k_out = sum(self.widths[l - 1]), sum(self.widths[l])
-                block = torch.zeros(k_out, k_in, 1, 1)
+                block = torch.zeros(k_out, k_in, 1, 1, device=self.w0.device)
                 r0 = c0 = 0
                 for m in models:
                     w = m.pointwise(l).weight
@@ -214,7 +216,8 @@ class _PackedNeurons:
                 self.point_bias.append(torch.cat([m.pointwise(l).bias for m in models]))
             self.maps = torch.cat([m.readout_maps().permute(2, 0, 1) for m in models])[None]  # (1, sum K4, R, R)
             self.readout_bias = torch.cat([m.readout.bias for m in models])
-            owner = torch.repeat_interleave(torch.arange(len(models)), torch.tensor(self.widths[4]))
+            owner = torch.repeat_interleave(torch.arange(len(models), device=self.w0.device),
+                                            torch.tensor(self.widths[4], device=self.w0.device))
             self.segments = F.one_hot(owner, len(models)).to(self.maps.dtype)  # (sum K4, n)
         self.scale, self.shift, self.folded = [None] * 5, [None] * 5, [None] * 5
         for l in range(5):
