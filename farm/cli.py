@@ -185,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--out", required=True)
     a.add_argument("--images", help="npy of natural images (uint8 N,H,W,3) for ranking/saliency")
     a.add_argument("--tracking-uri")
-    a.add_argument("--run-id", help="log figures and data to this MLflow run")
+    a.add_argument("--run-id", help="log figures and data to this MLflow run (e.g. the neuron's child run)")
+    a.add_argument("--experiment", default="farm", help="MLflow experiment of --run-id")
     a.set_defaults(func=cmd_analyze)
 
     u = sub.add_parser("ui", help="print the command that opens the MLflow UI on 127.0.0.1")

@@ -469,7 +469,9 @@ def _load_any_teacher(path: str):
 
 
 def analyze_command(args) -> int:
-    from farm.analysis import run_all_analyses
+    """``farm analyze MODEL --out DIR``: every analysis of one compact model; figures (PNG), data
+    (.npz per analysis) and metrics (metrics.json) under DIR, and in an MLflow run when given."""
+    from farm.analysis import run_all_analyses, save_figure, save_result_npz
 
     p = Path(args.model)
     if p.suffix == ".pt":
@@ -483,12 +485,18 @@ def analyze_command(args) -> int:
     images = np.load(args.images) if args.images else None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = run_all_analyses(model, images)
-    figures = results.get("figures", {}) if isinstance(results, dict) else {}
-    tracker = Tracker.open(args.tracking_uri, "farm") if args.run_id else None
-    for name, fig in figures.items():
-        fig.savefig(out / f"{name}.png", dpi=110, bbox_inches="tight")
-        if tracker:
-            tracker.log_figure(args.run_id, fig, f"analysis/{name}.png")
+    res = run_all_analyses(model, images)
+    for name, result in res["results"].items():
+        if result is not None:
+            save_result_npz(result, out / f"{name}.npz")
+    for name, fig in res["figures"].items():
+        save_figure(fig, out / f"{name}.png")
+    (out / "metrics.json").write_text(json.dumps(res["metrics"], indent=2, default=float))
+    if args.run_id:
+        tracker = Tracker.open(args.tracking_uri or default_tracking_uri(), args.experiment)
+        tracker.log_metrics(args.run_id, {f"analysis.{k}": v for k, v in res["metrics"].items()})
+        tracker.log_artifacts(args.run_id, out, "analysis")
     print(f"analyses of {p} -> {out}")
+    for k, v in sorted(res["metrics"].items()):
+        print(f"  {k}: {v:.4g}")
     return 0

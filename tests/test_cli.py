@@ -1,0 +1,51 @@
+"""The `farm` command: data import/simulate, analyze, ui; bad input gives a clear error and exit 2."""
+
+import json
+
+import numpy as np
+import pytest
+
+from farm.cli import main
+from farm.data.sessions import read_session, read_sessions
+from farm.models.compact import CompactSpec, build_compact, save_compact
+
+
+def test_data_simulate_writes_sessions_and_ground_truth(tmp_path, capsys):
+    out = tmp_path / "sim"
+    assert main(["data", "simulate", "--neurons", "3", "--sessions", "2", "--images", "60",
+                 "--size", "16", "--seed", "1", "--out", str(out)]) == 0
+    sessions = read_sessions(out / "sessions")
+    assert [s.role for s in sessions] == ["train", "test"]
+    assert all(s.n_neurons == 3 and s.n_images == 60 and s.images.shape[1:] == (16, 16, 3) for s in sessions)
+    assert (out / "population.json").is_file()
+    report = capsys.readouterr().out
+    assert "sim1" in report and "test" in report
+
+
+def test_data_import_v4_one_session(tmp_path, v4_dir):
+    assert main(["data", "import-v4", str(v4_dir), "--out", str(tmp_path), "--sessions", "210305"]) == 0
+    s = read_session(tmp_path / "210305.parquet")
+    assert (s.n_neurons, s.n_images) == (70, 400) and not s.has_repeats
+
+
+def test_bad_input_exits_2_with_a_message(tmp_path, capsys):
+    assert main(["data", "import-v4", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")]) == 2
+    assert "nowhere" in capsys.readouterr().err
+
+
+def test_ui_prints_a_loopback_command(tmp_path, capsys):
+    assert main(["ui", "--uri", f"sqlite:///{tmp_path}/mlflow.db"]) == 0
+    assert "--host 127.0.0.1" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_analyze_writes_figures_data_and_metrics(tmp_path):
+    model = build_compact(CompactSpec(filters=(4,) * 5, image_size=32, neuron_ids=("s:0",)), seed=0)
+    save_compact(model, tmp_path / "m")
+    np.save(tmp_path / "imgs.npy", np.random.default_rng(0).integers(0, 255, (48, 32, 32, 3), dtype=np.uint8))
+    assert main(["analyze", str(tmp_path / "m"), "--out", str(tmp_path / "a"),
+                 "--images", str(tmp_path / "imgs.npy")]) == 0
+    metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    # maximizing synthesized images beat the natural images' 99th percentile
+    assert metrics["synth_max_best"] > metrics["natural_p99"]
+    assert (tmp_path / "a" / "saliency.png").is_file() and (tmp_path / "a" / "synth_max.npz").is_file()
