@@ -370,8 +370,9 @@ class DistillConfig:
     passes: training amount as passes over the given images (paper: 1 pass over 12 M images);
         n_images, when set, overrides it with a number of images seen (rounded up to whole batches).
     smooth_every_images: smooth the kernels after every this many images; None = the paper's ratio,
-        24 times per run (every 500 k of 12 M). The final state is always smoothed, as in the paper,
-        whose run ends with a smoothing. smooth_sigma 0 turns smoothing off.
+        24 times per run (every 500 k of 12 M). smooth_sigma 0 turns smoothing off.
+    smooth_at_end: also smooth after the last step, as the paper's run does (its last zip ends with
+        a smoothing, so its saved models are smoothed ones).
     augment: on-the-fly augmentation (``farm.data.images.augment``) of every batch. Only valid when
         ``distill`` is given a ``teacher`` to re-query on the augmented images: the teacher's
         response to the original image is not the right target for an altered one. The paper does
@@ -405,6 +406,7 @@ class DistillConfig:
     n_images: int | None = None
     smooth_every_images: int | None = None
     smooth_sigma: float = 0.5
+    smooth_at_end: bool = True
     augment: bool = False
     grad_clip: float | None = None
     seed: int = 0
@@ -663,7 +665,7 @@ def distill(student: CompactModel, images: np.ndarray, targets: np.ndarray | Non
         loss_count += 1
 
         smoothed = False
-        if config.smooth_sigma > 0 and (step % smooth_every_steps == 0 or step == total_steps):
+        if config.smooth_sigma > 0 and (step % smooth_every_steps == 0 or (config.smooth_at_end and step == total_steps)):
             smooth_kernels_(student, config.smooth_sigma)
             smoothed = True
         evaluate = eval_images is not None and (step % eval_every_steps == 0 or step == total_steps)

@@ -1,0 +1,300 @@
+"""Distillation (method.md §4): teacher responses, kernel smoothing, the training loop."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from farm.data.images import BankConfig, build_bank, natural_like, recenter
+from farm.data.simulate import SimulationConfig, simulate_population
+from farm.distill import (DistillConfig, TeacherResponses, compute_teacher_responses, distill,
+                          gaussian_weights, predict, recalibrate_bn_, responses_cache_path,
+                          smooth_kernels_, split_heldout, squared_pearson)
+from farm.models.base import CompactTeacher
+from farm.models.compact import CompactSpec, build_compact
+
+SIZE = 16  # px: small enough for CPU tests; readout maps are 4x4
+
+
+class CountingTeacher:
+    """A real CompactTeacher that also counts how many images it was asked to predict."""
+
+    def __init__(self, teacher):
+        self.teacher = teacher
+        self.neuron_ids = teacher.neuron_ids
+        self.models = teacher.models  # so its fingerprint is that of the wrapped models
+        self.calls = 0
+        self.images = 0
+
+    def predict(self, images, batch_size=256):
+        self.calls += 1
+        self.images += len(images)
+        return self.teacher.predict(images, batch_size=batch_size)
+
+
+@pytest.fixture(scope="module")
+def neurons():
+    """Simulated ground-truth neurons (3 filters per layer, smooth kernels, calibrated BN)."""
+    pop = simulate_population(SimulationConfig(n_neurons=4, n_sessions=1, n_images=4, image_size=SIZE,
+                                               filters=(3, 3), seed=0))
+    return pop.ground_truth.models
+
+
+@pytest.fixture(scope="module")
+def bank_images():
+    return natural_like(SIZE, 2500, np.random.default_rng(1))
+
+
+def tiny_student(seed=1, filters=8):
+    return build_compact(CompactSpec(filters=(filters,) * 5, image_size=SIZE), seed=seed)
+
+
+# -- smoothing --------------------------------------------------------------------------------------
+def test_gaussian_weights_are_scipys_sigma_half_kernel():
+    # method.md §4: scipy.ndimage.gaussian_filter(sigma=0.5, truncate=4) -> radius 2, these weights.
+    w = gaussian_weights(0.5)
+    np.testing.assert_allclose(w, [0.000264, 0.106451, 0.786571, 0.106451, 0.000264], atol=1e-6)
+    assert w.sum() == pytest.approx(1.0)
+
+
+def reference_smooth_2d(a: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Hand-written separable smoothing of a 2-D array with the half-sample symmetric boundary
+    (d c b a | a b c d | d c b a), one output pixel at a time."""
+    n_rows, n_cols = a.shape
+    r = len(w) // 2
+
+    def reflect(i, n):
+        while i < 0 or i >= n:
+            i = -i - 1 if i < 0 else 2 * n - 1 - i
+        return i
+
+    rows = np.zeros_like(a, dtype=np.float64)
+    for i in range(n_rows):
+        for j in range(n_cols):
+            rows[i, j] = sum(w[k] * a[i, reflect(j + k - r, n_cols)] for k in range(len(w)))
+    out = np.zeros_like(rows)
+    for i in range(n_rows):
+        for j in range(n_cols):
+            out[i, j] = sum(w[k] * rows[reflect(i + k - r, n_rows), j] for k in range(len(w)))
+    return out
+
+
+def test_smoothing_matches_a_hand_written_reference_and_skips_layer0():
+    model = build_compact(CompactSpec(filters=(4, 5, 3, 6, 3), image_size=SIZE), seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    w = gaussian_weights(0.5)
+    smooth_kernels_(model, sigma=0.5)
+    for layer in range(1, 5):
+        got = model.depthwise(layer).weight.detach().double().numpy()
+        src = before[f"layer{layer}_depth.weight"].double().numpy()
+        for c in range(src.shape[0]):
+            np.testing.assert_allclose(got[c, 0], reference_smooth_2d(src[c, 0], w), rtol=1e-5, atol=1e-7)
+    r, k4 = model.spec.readout_size, model.spec.filters[4]
+    maps_before = before["readout.weight"].view(r, r, k4).double().numpy()
+    maps_after = model.readout_maps().detach().double().numpy()
+    for c in range(k4):
+        np.testing.assert_allclose(maps_after[:, :, c], reference_smooth_2d(maps_before[:, :, c], w),
+                                   rtol=1e-5, atol=1e-7)
+    # The layer-0 RGB kernels, pointwise weights, biases and BN are never smoothed.
+    for name, value in model.state_dict().items():
+        if "depth" not in name and name != "readout.weight":
+            assert torch.equal(value, before[name]), name
+    assert not torch.equal(model.depthwise(1).weight, before["layer1_depth.weight"])
+
+
+def test_smoothing_matches_scipy_gaussian_filter():
+    ndimage = pytest.importorskip("scipy.ndimage")
+    model = build_compact(CompactSpec(filters=(3, 4, 5, 3, 4), image_size=32), seed=2)
+    src = model.depthwise(2).weight.detach().double().numpy().copy()
+    maps = model.readout_maps().detach().double().numpy().copy()
+    smooth_kernels_(model)
+    np.testing.assert_allclose(model.depthwise(2).weight.detach().numpy(),
+                               ndimage.gaussian_filter(src, 0.5, axes=(2, 3), mode="reflect"), atol=1e-6)
+    np.testing.assert_allclose(model.readout_maps().detach().numpy(),
+                               ndimage.gaussian_filter(maps, 0.5, axes=(0, 1), mode="reflect"), atol=1e-6)
+
+
+def test_smoothing_preserves_a_constant_kernel():
+    # The reflect boundary keeps a constant image constant: the 1-D weights sum to 1 everywhere.
+    model = build_compact(CompactSpec(filters=(3,) * 5, image_size=SIZE), seed=0)
+    with torch.no_grad():
+        model.depthwise(3).weight.fill_(0.25)
+    smooth_kernels_(model)
+    torch.testing.assert_close(model.depthwise(3).weight, torch.full_like(model.depthwise(3).weight, 0.25))
+
+
+# -- teacher responses ------------------------------------------------------------------------------
+def test_teacher_responses_one_pass_for_all_neurons_and_cache_hit(neurons, tmp_path):
+    images = natural_like(SIZE, 300, np.random.default_rng(5))
+    teacher = CountingTeacher(CompactTeacher(neurons[:2]))
+    first = compute_teacher_responses(teacher, images, batch_size=128, cache_dir=tmp_path)
+    assert teacher.images == 300  # one pass over the images for both neurons
+    assert first.responses.shape == (300, 2) and first.responses.dtype == np.float32
+    np.testing.assert_array_equal(first.image_ids, np.arange(300))
+    np.testing.assert_allclose(first.column(neurons[1].spec.neuron_ids[0]),
+                               predict(neurons[1], images), rtol=1e-5, atol=1e-5)
+    calls = teacher.calls
+    second = compute_teacher_responses(teacher, images, batch_size=128, cache_dir=tmp_path)
+    assert teacher.calls == calls  # loaded from the cache, the teacher was not asked again
+    np.testing.assert_array_equal(second.responses, first.responses)
+    assert (second.teacher_id, second.bank_id) == (first.teacher_id, first.bank_id)
+    assert (responses_cache_path(tmp_path, first.teacher_id, first.bank_id) / "teacher_responses.arrow").is_file()
+    # Other images are another bank: computed afresh.
+    compute_teacher_responses(teacher, images[:100], cache_dir=tmp_path)
+    assert teacher.images == 400
+
+
+def test_teacher_responses_stream_an_image_bank(neurons, tmp_path):
+    bank = build_bank(None, BankConfig(n_images=70, image_size=SIZE, proportions={"natural_like": 1.0},
+                                       shard_size=30), tmp_path / "bank")
+    teacher = CountingTeacher(CompactTeacher(neurons[:2]))
+    seen = []
+    resp = compute_teacher_responses(teacher, bank, progress=lambda done, total: seen.append((done, total)))
+    assert teacher.calls == 3  # one predict per shard
+    assert seen == [(30, 70), (60, 70), (70, 70)]
+    assert resp.bank_id == bank.bank_id
+    ids, images, _ = bank.load_all()
+    np.testing.assert_array_equal(resp.image_ids, ids)
+    np.testing.assert_allclose(resp.responses, CompactTeacher(neurons[:2]).predict(images), rtol=1e-5, atol=1e-5)
+
+
+def test_teacher_responses_save_load_round_trip_and_errors(tmp_path):
+    rng = np.random.default_rng(0)
+    tr = TeacherResponses(image_ids=np.arange(10, 20), responses=rng.standard_normal((10, 3)),
+                          neuron_ids=("s:0", "s:1", "s:2"), teacher_id="t", bank_id="b")
+    tr.save(tmp_path)
+    back = TeacherResponses.load(tmp_path)
+    np.testing.assert_array_equal(back.image_ids, tr.image_ids)
+    np.testing.assert_array_equal(back.responses, tr.responses)
+    assert back.neuron_ids == tr.neuron_ids and (back.teacher_id, back.bank_id) == ("t", "b")
+    assert not list(tmp_path.glob("*.tmp"))  # atomic write left no temporary file
+    np.testing.assert_array_equal(back.column("s:1"), tr.responses[:, 1])
+    with pytest.raises(KeyError, match="s:9"):
+        back.column("s:9")
+    with pytest.raises(FileNotFoundError, match="teacher_responses"):
+        TeacherResponses.load(tmp_path / "nowhere")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "teacher_responses.arrow").write_bytes(b"not arrow")
+    with pytest.raises(ValueError, match="Arrow"):
+        TeacherResponses.load(tmp_path / "bad")
+    with pytest.raises(ValueError, match="n_neurons"):
+        TeacherResponses(np.arange(3), np.zeros((3, 2)), ("a",), "t", "b")
+    with pytest.raises(ValueError, match="unique"):
+        TeacherResponses(np.arange(3), np.zeros((3, 2)), ("a", "a"), "t", "b")
+
+
+def test_teacher_responses_need_ids_to_cache_and_uint8_images(neurons, tmp_path):
+    class Anonymous:
+        neuron_ids = ("x:0",)
+
+        def predict(self, images, batch_size=256):
+            return np.zeros((len(images), 1), np.float32)
+
+    images = natural_like(SIZE, 8, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="teacher_id"):
+        compute_teacher_responses(Anonymous(), images, cache_dir=tmp_path)
+    assert compute_teacher_responses(Anonymous(), images, cache_dir=tmp_path, teacher_id="zero").n_images == 8
+    with pytest.raises(ValueError, match="uint8"):
+        compute_teacher_responses(CompactTeacher(neurons[:2]), images.astype(np.float32))
+
+
+def test_split_heldout_is_a_seeded_partition():
+    train, held = split_heldout(100, 30, seed=3)
+    assert len(held) == 30 and len(train) == 70
+    assert np.array_equal(np.sort(np.concatenate([train, held])), np.arange(100))
+    again = split_heldout(100, 30, seed=3)
+    assert np.array_equal(again[1], held) and not np.array_equal(split_heldout(100, 30, seed=4)[1], held)
+    with pytest.raises(ValueError, match="n_heldout"):
+        split_heldout(10, 10)
+
+
+# -- training ---------------------------------------------------------------------------------------
+def test_distill_config_round_trip_and_validation():
+    cfg = DistillConfig(passes=2.5, lr=3e-3, smooth_every_images=1000, betas=(0.8, 0.99))
+    back = DistillConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert back == cfg
+    assert DistillConfig().adam_eps == 1e-7 and DistillConfig().batch_size == 64 and DistillConfig().lr == 1e-4
+    with pytest.raises(ValueError, match="unknown DistillConfig fields"):
+        DistillConfig.from_dict({"learning_rate": 1})
+    with pytest.raises(ValueError, match="loss"):
+        DistillConfig(loss="l1")
+    with pytest.raises(ValueError, match="batch_size"):
+        DistillConfig(batch_size=0)
+
+
+def test_distill_is_deterministic_for_a_seed_and_loss_decreases(neurons, bank_images):
+    images = bank_images[:1000]
+    targets = CompactTeacher([neurons[0]]).predict(images)[:, 0]
+    cfg = DistillConfig(n_images=60 * 32, batch_size=32, lr=3e-3, log_every_steps=20, smooth_every_images=640,
+                        seed=7, bn_recalibrate_images=256)
+    a = distill(tiny_student(), images, targets, cfg)
+    b = distill(tiny_student(), images, targets, cfg)
+    for k, v in a.model.state_dict().items():
+        assert torch.equal(v, b.model.state_dict()[k]), k
+    assert [h["loss"] for h in a.history] == [h["loss"] for h in b.history]
+    c = distill(tiny_student(), images, targets, DistillConfig(**{**cfg.to_dict(), "seed": 8}))
+    assert not torch.equal(c.model.readout.weight, a.model.readout.weight)
+    # MSE falls well below the target variance (what predicting the mean would give).
+    assert a.steps == 60 and a.images_seen == 60 * 32
+    assert a.history[-1]["loss"] < 0.6 * a.history[0]["loss"]
+    assert a.history[-1]["loss"] < 0.95 * float(np.var(targets))
+    # Smoothing every 640 images = every 20 steps, and always at the end.
+    assert [h["step"] for h in a.history if h["smoothed"]] == [20, 40, 60]
+
+
+def test_recalibrate_bn_sets_running_stats_to_data_statistics(bank_images):
+    model = tiny_student()
+    images = bank_images[:128]
+    recalibrate_bn_(model, images, batch_size=64)
+    with torch.no_grad():
+        pre0 = model.layer_pre(0, recenter(images))
+    torch.testing.assert_close(model.bn(0).running_mean, pre0.mean(dim=(0, 2, 3)), rtol=1e-4, atol=1e-3)
+    assert model.bn(0).momentum == model.spec.bn_momentum and model.training
+
+
+def test_distilled_student_reaches_the_teacher(neurons, bank_images):
+    """A student distilled from a compact teacher predicts it on held-out images (R² > 0.8; an
+    untrained student is at ~0)."""
+    teacher = CompactTeacher([neurons[3]])
+    targets = teacher.predict(bank_images)[:, 0]
+    train, held = split_heldout(len(bank_images), 500, seed=0)
+    seen = []
+    cfg = DistillConfig(n_images=350 * 64, lr=3e-3, log_every_steps=50, eval_every_images=100 * 64)
+    res = distill(tiny_student(filters=12), bank_images[train], targets[train], cfg,
+                  callback=lambda step, info: seen.append(step),
+                  eval_images=bank_images[held], eval_targets=targets[held])
+    r2 = squared_pearson(targets[held], predict(res.model, bank_images[held]))
+    assert r2 > 0.8, res.history
+    assert res.history[-1]["eval_r2"] == pytest.approx(r2, abs=1e-6)
+    assert seen == [h["step"] for h in res.history] and seen[-1] == 350
+    assert res.history[0]["loss"] > 2 * res.history[-1]["loss"]
+
+
+def test_distill_with_augmentation_requeries_the_teacher(neurons, bank_images):
+    teacher = CountingTeacher(CompactTeacher([neurons[0]]))
+    cfg = DistillConfig(n_images=5 * 16, batch_size=16, augment=True, lr=1e-3, bn_recalibrate_images=0)
+    res = distill(tiny_student(), bank_images[:200], None, cfg, teacher=teacher,
+                  neuron_id=neurons[0].spec.neuron_ids[0])
+    assert teacher.calls == 5 and teacher.images == 80  # one teacher query per augmented batch
+    assert res.steps == 5
+    with pytest.raises(ValueError, match="teacher"):
+        distill(tiny_student(), bank_images[:200], None, cfg)
+
+
+def test_distill_rejects_bad_input(bank_images):
+    images = bank_images[:50]
+    targets = np.zeros(50, np.float32)
+    cfg = DistillConfig(n_images=64)
+    with pytest.raises(ValueError, match="uint8"):
+        distill(tiny_student(), images.astype(np.float32), targets, cfg)
+    with pytest.raises(ValueError, match="16x16"):
+        distill(build_compact(CompactSpec(filters=(3,) * 5, image_size=32)), images, targets, cfg)
+    with pytest.raises(ValueError, match="targets"):
+        distill(tiny_student(), images, targets[:40], cfg)
+    with pytest.raises(ValueError, match="NaN"):
+        distill(tiny_student(), images, np.full(50, np.nan, np.float32), cfg)
+    with pytest.raises(ValueError, match="eval_targets"):
+        distill(tiny_student(), images, targets, cfg, eval_images=images)
+    with pytest.raises(ValueError, match="targets are required"):
+        distill(tiny_student(), images, None, cfg)
