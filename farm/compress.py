@@ -280,6 +280,26 @@ def _check_images(images, what: str) -> np.ndarray:
     return a
 
 
+def _check_inputs(images, targets, heldout_images, heldout_targets):
+    """Validate the four arrays up front (before hours of training) and return them as arrays."""
+    images = _check_images(images, "compress: images")
+    heldout_images = _check_images(heldout_images, "compress: heldout_images")
+    if heldout_images.shape[1:] != images.shape[1:]:
+        raise ValueError(f"compress: heldout_images are {heldout_images.shape[1:]} but images are {images.shape[1:]}")
+    out = []
+    for name, t, n in (("targets", targets, len(images)), ("heldout_targets", heldout_targets, len(heldout_images))):
+        t = np.asarray(t, dtype=np.float32)
+        if t.ndim == 2 and t.shape[1] == 1:
+            t = t[:, 0]
+        if t.shape != (n,):
+            raise ValueError(f"compress: {name} must be (N,) = ({n},), one teacher response per image, "
+                             f"got shape {t.shape}")
+        if not np.all(np.isfinite(t)):
+            raise ValueError(f"compress: {name} contain NaN or inf")
+        out.append(t)
+    return images, out[0], heldout_images, out[1]
+
+
 def _distill_run(neuron_id: str, images, targets, config: CompressConfig, device, progress,
                  heldout_images=None, heldout_targets=None) -> DistillResult:
     images = _check_images(images, "compress: images")
@@ -323,12 +343,11 @@ def prune_and_retrain(distilled: CompactModel, neuron_id: str, images: np.ndarra
         torch.set_num_threads(int(threads))
     if not isinstance(distilled, CompactModel) or distilled.spec.readout != "dense":
         raise ValueError("prune_and_retrain: distilled must be a single-output (dense readout) CompactModel")
-    images = _check_images(images, "compress: images")
-    heldout_images = _check_images(heldout_images, "compress: heldout_images")
-    heldout_targets = np.asarray(heldout_targets, dtype=np.float32).reshape(-1)
-    if len(heldout_targets) != len(heldout_images):
-        raise ValueError(f"compress: {len(heldout_targets)} heldout_targets for {len(heldout_images)} "
-                         f"heldout_images")
+    images, targets, heldout_images, heldout_targets = _check_inputs(images, targets, heldout_images,
+                                                                     heldout_targets)
+    if distilled.spec.image_size != images.shape[1]:
+        raise ValueError(f"prune_and_retrain: the distilled model takes {distilled.spec.image_size} px "
+                         f"images, got {images.shape[1]} px")
     if real is not None and not isinstance(real, RealData):
         raise TypeError(f"compress: real must be a RealData, got {type(real).__name__}")
     seeds = config.seeds()
@@ -410,6 +429,10 @@ def compress_neuron(neuron_id: str, images: np.ndarray, targets: np.ndarray, hel
     config = config or CompressConfig()
     if threads is not None:
         torch.set_num_threads(int(threads))
+    images, targets, heldout_images, heldout_targets = _check_inputs(images, targets, heldout_images,
+                                                                     heldout_targets)
+    if real is not None and not isinstance(real, RealData):
+        raise TypeError(f"compress: real must be a RealData, got {type(real).__name__}")
     distill_history: list = []
     distill_seconds = 0.0
     if distilled is None:
