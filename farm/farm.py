@@ -311,3 +311,44 @@ def _neuron_task(neuron_id, neuron_ids, bank_images, bank_targets, heldout_image
     inputs = NeuronInputs(neuron_ids, bank_images, bank_targets, heldout_images, heldout_targets,
                           real, ground_truth_heldout)
     return compress_and_log(neuron_id, inputs, compress_cfg, seed, tracker, parent_run_id, device, register)
+
+
+# -- analysis at scale: maximizing natural images over a bank ----------------------------------------
+def _rank_chunk_task(model_dirs, bank_dir, first, stop, top_k, params_dict):
+    """Rank bank images [first, stop) by the outputs of the models saved in ``model_dirs``."""
+    import torch
+
+    from farm.analysis.natural import NaturalParams, rank_natural_images
+    from farm.data.images import ImageBank
+    from farm.models.compact import load_compact
+
+    torch.set_num_threads(task_threads())
+    models = [load_compact(d) for d in model_dirs]
+    ids = np.arange(first, stop)
+    images = ImageBank(bank_dir).read(ids)
+    params = NaturalParams(**params_dict) if params_dict else NaturalParams()
+    return rank_natural_images(models, [(ids.astype(str), images)], top_k=top_k, params=params)
+
+
+def rank_bank_parallel(model_dirs: Sequence[str], bank_dir: str, top_k: int = 10, models_per_task: int = 8,
+                       images_per_task: int = 10_000, params: dict | None = None, num_cpus: float = 1):
+    """Maximizing natural images of many compact models over a whole image bank, as Ray tasks over
+    (group of models) x (chunk of the bank); each task reads only its chunk, partial top-k lists are
+    merged per group (``merge_topk``) and the groups joined (``concat_columns``). Equals ranking every
+    image with every model at once.
+
+    model_dirs: saved compact models (spec.json + state_dict.pt). bank_dir: an ImageBank folder.
+    Returns a ``farm.analysis.natural.NaturalRanking`` whose columns follow ``model_dirs``.
+    """
+    import ray
+
+    from farm.analysis.natural import concat_columns, merge_topk
+    from farm.data.images import ImageBank
+
+    n = len(ImageBank(bank_dir))
+    chunks = [(a, min(a + images_per_task, n)) for a in range(0, n, images_per_task)]
+    remote = ray.remote(_rank_chunk_task).options(num_cpus=num_cpus, max_retries=3)
+    groups = [[str(d) for d in model_dirs[i:i + models_per_task]]
+              for i in range(0, len(model_dirs), models_per_task)]
+    refs = [[remote.remote(g, str(bank_dir), a, b, top_k, params or {}) for a, b in chunks] for g in groups]
+    return concat_columns([merge_topk(ray.get(r)) for r in refs])
