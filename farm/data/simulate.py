@@ -6,7 +6,8 @@ widths K0..K4 (drawn from ``SimulationConfig.filters``):
 - kernels: Glorot-uniform draws (Keras' init) smoothed by a Gaussian over their 5x5 extent, so the
   neurons are tuned to shapes, edges and colour rather than to pixel noise;
 - BatchNorm: running mean / variance set to the statistics of a calibration batch of natural_like
-  images, layer by layer, so every channel is well scaled (eval mode);
+  images (a gaudy share as in train sessions), layer by layer, so every channel is well scaled
+  (eval mode); BN offsets drawn from ``bn_beta`` (>= 0: mostly active units, moderate skew);
 - readout: a Gaussian blob (the receptive field) at a random position of the (R, R) readout map
   times one random weight per layer-4 channel; the model output is standardized (mean 0, SD 1
   over the calibration images);
@@ -66,6 +67,8 @@ class SimulationConfig:
     kernel_sigma: SD in pixels of the Gaussian that smooths the random 5x5 kernels.
     rf_sigma: (min, max) SD of the receptive-field blob, in readout-map pixels.
     rf_extent: the blob centre is drawn from the central ``rf_extent`` fraction of the readout map.
+    bn_beta: (min, max) of the BN offsets (in SDs of each channel's input): the share of active
+        ReLU units; >= 0 keeps responses from being dominated by a few images.
     gain, offset: (min, max) of the rate nonlinearity parameters (see the module docstring).
     n_calibration: natural_like images used to set BN statistics, standardization and rate scale.
     seed: all randomness derives from it.
@@ -82,13 +85,14 @@ class SimulationConfig:
     kernel_sigma: float = 1.0
     rf_sigma: tuple[float, float] = (1.0, 2.5)
     rf_extent: float = 0.5
+    bn_beta: tuple[float, float] = (0.0, 1.0)
     gain: tuple[float, float] = (0.6, 1.2)
     offset: tuple[float, float] = (0.0, 1.0)
     n_calibration: int = 128
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("repeats", "mean_rate", "filters", "rf_sigma", "gain", "offset"):
+        for name in ("repeats", "mean_rate", "filters", "rf_sigma", "bn_beta", "gain", "offset"):
             value = tuple(getattr(self, name))
             if len(value) != 2 or value[0] > value[1]:
                 raise ValueError(f"SimulationConfig.{name} must be a (min, max) pair with min <= max, "
@@ -406,9 +410,10 @@ def _draw_neuron(neuron_id: str, config: SimulationConfig, rng: np.random.Genera
             put(model.pointwise(l).weight, _glorot(rng, (k_out, k_in, 1, 1), k_in, k_out))
             model.pointwise(l).bias.zero_()
         for l in range(5):
-            # BN offsets in [-0.5, 0.5] SD: channels differ in how sparse their ReLU output is
+            # BN offsets >= 0 keep most ReLU units active: sparse channels compound over 5 layers into
+            # heavy-tailed responses that a few images dominate, which are hard to learn from samples
             model.bn(l).weight.fill_(1.0)
-            put(model.bn(l).bias, rng.uniform(-0.5, 0.5, widths[l]))
+            put(model.bn(l).bias, rng.uniform(*config.bn_beta, widths[l]))
 
         # receptive field: a Gaussian blob at a random place of the readout map, one weight per channel
         r = spec.readout_size
