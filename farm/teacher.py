@@ -782,7 +782,7 @@ def train_teacher(train_sessions: Sequence[Session], validation_session: Session
         for s in train_sessions:
             t0 = time.time()
             idx = _train_index(s, config)
-            feats = cache.get(backbone, s.session_id, s.images)[idx]
+            feats = cache.get(backbone, s.session_id, s.images if len(idx) == s.n_images else s.images[idx])
             z, _, _ = _zscore(s.mean_responses()[:, idx].T, f"training session {s.session_id}")
             if s.n_neurons > config.readout_units:
                 raise ValueError(f"training session {s.session_id} has {s.n_neurons} neurons, more than "
