@@ -6,15 +6,17 @@ export RAY_AUTH_MODE ?= disabled
 export RAY_USAGE_STATS_ENABLED ?= 0
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION ?= false
 
-.PHONY: env demo test test-fast
+.PHONY: env demo test test-full
 env:
 	bash scripts/setup_env.sh $(VENV)
 
 demo: env
 	$(VENV)/bin/farm demo
 
+# The fast suite (what CI runs): everything but the tests marked slow. ~5 min on 2 cores.
 test: env
-	$(PY) -m pytest -q
-
-test-fast: env
 	$(PY) -m pytest -q -m "not slow"
+
+# Everything, including real-data accuracy, Ray Jobs on a local head, an mlflow server, sweeps.
+test-full: env
+	$(PY) -m pytest -q
