@@ -85,7 +85,11 @@ def cmd_compress(args) -> int:
 
     cfg = load_job_config(args.config, args.overrides)
     res = run_compress_job(cfg)
-    return 1 if res.failed and not res.rows else 0
+    if res.failed:
+        print(f"farm: {len(res.failed)} neuron(s) FAILED (errors in their MLflow runs' farm.error tag): "
+              + ", ".join(r["neuron_id"] for r in res.failed), file=sys.stderr)
+        return 1
+    return 0
 
 
 def cmd_sweep(args) -> int:

@@ -90,7 +90,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
         # num_cpus/object_store_memory must not be given when joining a cluster (ecosystem §7.13).
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, object_store_memory=object_store_memory, include_dashboard=False,
+        # address="local": always a fresh local instance, never a cluster that an earlier
+        # `ray start` left recorded in /tmp/ray (num_cpus would then be refused).
+        ray.init(address="local", num_cpus=num_cpus, object_store_memory=object_store_memory,
+                 include_dashboard=False,
                  runtime_env=runtime_env, log_to_driver=True)
 
 

@@ -180,6 +180,10 @@ def run_sweep(neurons: Sequence[str], inputs: NeuronInputs, compress_cfg: dict, 
     # 3. per neuron: Pareto front and chosen model
     out = []
     rows = [(r.config, r.metrics or {}) for r in grid if r.error is None and r.metrics]
+    for r in grid:
+        if r.error is not None:
+            log.warning("sweep trial %s failed after %d retries: %s (re-run the sweep to resume it)",
+                        r.config, max_failures, r.error)
     for nid in neurons:
         trials = [{"tau": c["tau"], "criterion": c["criterion"], **{k: m.get(k) for k in (
                    "param_count", "total_filters", "r2_teacher_heldout", "run_id")}}
