@@ -165,14 +165,21 @@ class TeacherResponses:
 
 
 def teacher_fingerprint(teacher) -> str | None:
-    """A stable id for a teacher: its ``teacher_id`` attribute, else a hash of the weights of its
-    ``models`` (CompactTeacher) and its neuron ids; None when neither exists."""
+    """A stable id for a teacher: its ``teacher_id`` attribute; else a hash of the weights of its
+    ``models`` (CompactTeacher) and its neuron ids; else, for a wrapper holding another teacher in
+    ``.teacher`` (e.g. ``SelectOutputs``), that teacher's id plus a hash of the selected neuron ids;
+    None when none of these exists."""
     tid = getattr(teacher, "teacher_id", None)
     if tid:
         return str(tid)
     models = getattr(teacher, "models", None)
     if not models:
-        return None
+        inner = getattr(teacher, "teacher", None)
+        inner_id = teacher_fingerprint(inner) if inner is not None and inner is not teacher else None
+        if inner_id is None:
+            return None
+        ids = hashlib.blake2b(json.dumps(list(teacher.neuron_ids)).encode(), digest_size=8).hexdigest()
+        return f"{inner_id}-{type(teacher).__name__}-{ids}"
     h = hashlib.blake2b(digest_size=16)
     h.update(json.dumps(list(teacher.neuron_ids)).encode())
     for m in models:
@@ -364,7 +371,8 @@ def smooth_kernels_(model: CompactModel, sigma: float = 0.5) -> CompactModel:
 
 @dataclass
 class DistillConfig:
-    """How one student is trained on (image, teacher response) pairs. Defaults are the paper's.
+    """How one student is trained on (image, teacher response) pairs. Defaults are the paper's
+    (method.md §4), except ``bn_recalibrate_images`` (see below; 0 restores the paper's behaviour).
 
     batch_size, lr, betas, adam_eps: Adam as Keras (method.md §4; eps 1e-7 is Keras's default).
     passes: training amount as passes over the given images (paper: 1 pass over 12 M images);
@@ -495,13 +503,13 @@ def predict(model: CompactModel, images: np.ndarray, batch_size: int = 256,
 
 
 @torch.no_grad()
-def recalibrate_bn_(model: CompactModel, images: np.ndarray | torch.Tensor, batch_size: int = 256,
+def recalibrate_bn_(model: torch.nn.Module, images: np.ndarray | torch.Tensor, batch_size: int = 256,
                     device: str | torch.device | None = None) -> CompactModel:
     """Set every BatchNorm's running mean / variance to the average of its batch statistics over
     ``images`` (uint8 (N, H, W, 3)), in place, without touching any weight. Returns ``model`` in the
     train/eval mode it had."""
     dev = torch.device(device) if device is not None else next(model.parameters()).device
-    bns = [model.bn(l) for l in range(5)]
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     momenta = [bn.momentum for bn in bns]
     was_training = model.training
     try:
@@ -539,6 +547,28 @@ def _targets_array(targets, n: int, what: str) -> np.ndarray:
     return t
 
 
+def _check_eval(eval_images, eval_targets, n_outputs: int, what: str):
+    if (eval_images is None) != (eval_targets is None):
+        raise ValueError(f"{what}: pass both eval_images and eval_targets, or neither")
+    if eval_images is None:
+        return None, None
+    eval_images = _check_images(eval_images, f"{what}: eval_images")
+    if n_outputs == 1:
+        t = _targets_array(eval_targets, len(eval_images), f"{what}: eval_targets")[:, None]
+    else:
+        t = _targets_matrix(eval_targets, len(eval_images), n_outputs, f"{what}: eval_targets")
+    return eval_images, t
+
+
+def _targets_matrix(targets, n: int, n_outputs: int, what: str) -> np.ndarray:
+    t = np.asarray(targets, dtype=np.float32)
+    if t.shape != (n, n_outputs):
+        raise ValueError(f"{what} must be (N, neurons) = ({n}, {n_outputs}), got shape {t.shape}")
+    if not np.all(np.isfinite(t)):
+        raise ValueError(f"{what} contains NaN or inf")
+    return t
+
+
 def distill(student: CompactModel, images: np.ndarray, targets: np.ndarray | None,
             config: DistillConfig | None = None, device: str | torch.device = "cpu",
             threads: int | None = None, callback: Callable[[int, dict], None] | None = None,
@@ -570,33 +600,43 @@ def distill(student: CompactModel, images: np.ndarray, targets: np.ndarray | Non
                          f"takes {size}x{size} (spec.image_size)")
     if n < 2:
         raise ValueError(f"distill: need at least 2 training images, got {n}")
-    column = None
+    columns = None
     if config.augment:
         if teacher is None or neuron_id is None:
             raise ValueError("distill: config.augment needs teacher= and neuron_id= to re-query the "
                              "teacher on augmented images (the original image's response is not the "
                              "target for an altered image)")
-        column = list(map(str, teacher.neuron_ids)).index(str(neuron_id))
-        if targets is not None:
-            targets = _targets_array(targets, n, "distill: targets")
+        columns = [list(map(str, teacher.neuron_ids)).index(str(neuron_id))]
+        targets = None
     else:
         if targets is None:
             raise ValueError("distill: targets are required unless config.augment is on")
-        targets = _targets_array(targets, n, "distill: targets")
-    if (eval_images is None) != (eval_targets is None):
-        raise ValueError("distill: pass both eval_images and eval_targets, or neither")
-    if eval_images is not None:
-        eval_images = _check_images(eval_images, "distill: eval_images")
-        eval_targets = _targets_array(eval_targets, len(eval_images), "distill: eval_targets")
+        targets = _targets_array(targets, n, "distill: targets")[:, None]
+    eval_images, eval_targets = _check_eval(eval_images, eval_targets, 1, "distill")
+    history, steps, seconds = _fit(student, lambda: smooth_kernels_(student, config.smooth_sigma), images,
+                                   targets, config, device, callback, eval_images, eval_targets, teacher, columns)
+    return DistillResult(model=student, history=history, steps=steps, images_seen=steps * config.batch_size,
+                         seconds=seconds)
 
+
+def _fit(net: torch.nn.Module, smooth: Callable[[], object], images: np.ndarray, targets: np.ndarray | None,
+         config: DistillConfig, device, callback, eval_images, eval_targets, teacher, columns):
+    """The training loop shared by ``distill`` and ``distill_many``.
+
+    net(x) -> (B, n) outputs for n neurons; targets float32 (N, n) or None (augment: ``teacher``'s
+    ``columns`` on every augmented batch); eval_targets (M, n). The loss is the sum over neurons of
+    each neuron's MSE, so every neuron's parameters get exactly the gradient of its own MSE.
+    Returns (history, steps, seconds).
+    """
+    n = len(images)
     dev = torch.device(device)
     cuda = dev.type == "cuda"
-    student.to(dev)
+    net.to(dev)
     memory_format = torch.channels_last if (cuda and config.channels_last) else torch.contiguous_format
     if cuda and config.channels_last:
-        student.to(memory_format=torch.channels_last)
-    student.train()
-    opt = torch.optim.Adam(student.parameters(), lr=config.lr, betas=config.betas, eps=config.adam_eps)
+        net.to(memory_format=torch.channels_last)
+    net.train()
+    opt = torch.optim.Adam(net.parameters(), lr=config.lr, betas=config.betas, eps=config.adam_eps)
 
     total_images = config.total_images(n)
     bs = config.batch_size
@@ -620,7 +660,7 @@ def distill(student: CompactModel, images: np.ndarray, targets: np.ndarray | Non
         from farm.data.images import augment as augment_images
 
     history: list[dict] = []
-    loss_sum = torch.zeros((), device=dev, dtype=torch.float64)
+    loss_sum = None
     loss_count = 0
     order = torch.empty(0, dtype=torch.long)
     pos = 0
@@ -643,7 +683,7 @@ def distill(student: CompactModel, images: np.ndarray, targets: np.ndarray | Non
 
         if config.augment:
             batch_np = augment_images(images[idx.numpy()], aug_rng)
-            y = torch.from_numpy(np.asarray(teacher.predict(batch_np), dtype=np.float32)[:, column]).to(dev)
+            y = torch.from_numpy(np.asarray(teacher.predict(batch_np), dtype=np.float32)[:, columns]).to(dev)
             x = recenter(batch_np, dev)
         else:
             x = recenter(images_t[idx.to(images_t.device)], dev)
@@ -651,47 +691,207 @@ def distill(student: CompactModel, images: np.ndarray, targets: np.ndarray | Non
         if memory_format is torch.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and config.amp_bf16):
-            out = student(x)[:, 0]
-        loss = F.mse_loss(out.float(), y)
+            out = net(x)
+        per_neuron = ((out.float() - y) ** 2).mean(dim=0)  # (n,) each neuron's MSE
+        loss = per_neuron.sum()
         if config.lr_schedule == "cosine":
             for group in opt.param_groups:
                 group["lr"] = config.lr * 0.5 * (1 + math.cos(math.pi * (step - 1) / total_steps))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if config.grad_clip is not None:
-            torch.nn.utils.clip_grad_value_(student.parameters(), config.grad_clip)
+            torch.nn.utils.clip_grad_value_(net.parameters(), config.grad_clip)
         opt.step()
-        loss_sum += loss.detach()
+        detached = per_neuron.detach().double()
+        loss_sum = detached if loss_sum is None else loss_sum + detached
         loss_count += 1
 
         smoothed = False
-        if config.smooth_sigma > 0 and (step % smooth_every_steps == 0 or (config.smooth_at_end and step == total_steps)):
-            smooth_kernels_(student, config.smooth_sigma)
+        if config.smooth_sigma > 0 and (step % smooth_every_steps == 0
+                                        or (config.smooth_at_end and step == total_steps)):
+            smooth()
             smoothed = True
         evaluate = eval_images is not None and (step % eval_every_steps == 0 or step == total_steps)
         if step % config.log_every_steps == 0 or step == total_steps or evaluate:
-            mean_loss = float(loss_sum) / loss_count
-            if not math.isfinite(mean_loss):
-                raise FloatingPointError(f"distill: loss became {mean_loss} by step {step} "
+            losses = (loss_sum / loss_count).cpu().tolist()
+            if not all(math.isfinite(v) for v in losses):
+                raise FloatingPointError(f"distill: loss became {losses} by step {step} "
                                          f"(lr {config.lr}); check the targets' scale")
-            info = {"step": step, "images_seen": step * bs, "loss": mean_loss, "lr": opt.param_groups[0]["lr"],
-                    "seconds": time.perf_counter() - t0, "smoothed": smoothed}
+            info = {"step": step, "images_seen": step * bs, "loss": float(np.mean(losses)),
+                    "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0, "smoothed": smoothed}
+            if len(losses) > 1:
+                info["losses"] = losses
             if evaluate:
                 if recal_idx is not None:
-                    recalibrate_bn_(student, images_t[recal_idx.to(images_t.device)],
-                                    config.eval_batch_size, dev)
-                pred = predict(student, eval_images, config.eval_batch_size)
-                info["eval_r2"] = squared_pearson(eval_targets, pred)
+                    recalibrate_bn_(net, images_t[recal_idx.to(images_t.device)], config.eval_batch_size, dev)
+                pred = predict(net, eval_images, config.eval_batch_size).reshape(len(eval_images), -1)
+                r2 = [squared_pearson(eval_targets[:, j], pred[:, j]) for j in range(pred.shape[1])]
+                info["eval_r2"] = r2[0] if len(r2) == 1 else r2
             history.append(info)
             if callback is not None:
                 callback(step, info)
-            loss_sum.zero_()
+            loss_sum = None
             loss_count = 0
 
     if recal_idx is not None and eval_images is None:  # with an eval set it happened at the last step
-        recalibrate_bn_(student, images_t[recal_idx.to(images_t.device)], config.eval_batch_size, dev)
-    student.eval()
+        recalibrate_bn_(net, images_t[recal_idx.to(images_t.device)], config.eval_batch_size, dev)
+    net.eval()
     if memory_format is torch.channels_last:
-        student.to(memory_format=torch.contiguous_format)
-    return DistillResult(model=student, history=history, steps=step, images_seen=step * bs,
-                         seconds=time.perf_counter() - t0)
+        net.to(memory_format=torch.contiguous_format)
+    return history, step, time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Several neurons at once
+# ---------------------------------------------------------------------------------------------------
+
+
+class PackedStudents(torch.nn.Module):
+    """n dense-readout CompactModels of one spec as ONE network (design.md: "one task may train
+    several neurons at once"), for filling a GPU or cutting per-call overhead on a CPU.
+
+    All students see the same batch. Layer 0 is one conv 3 -> n*K0; the depthwise convs are one
+    grouped conv over n*K channels; the pointwise convs are one grouped 1x1 conv (groups = n); BN
+    runs over n*K channels (per channel, as n separate BNs); the readout is one (R*R*K4) map per
+    neuron. ``forward(x)`` -> (B, n). Every output depends only on its own student's slice of the
+    parameters, so with the summed per-neuron MSE (``distill_many``) each slice gets exactly its
+    student's gradient, and Adam, smoothing and BN statistics act per element: training the pack is
+    training the n students one by one with the same batch order, up to float rounding.
+    """
+
+    def __init__(self, students: list[CompactModel]):
+        super().__init__()
+        if not students:
+            raise ValueError("PackedStudents needs at least one student")
+        spec = students[0].spec
+        for m in students:
+            if m.spec.filters != spec.filters or m.spec.image_size != spec.image_size:
+                raise ValueError(f"PackedStudents: every student must have the same widths and image size, "
+                                 f"got {m.spec.filters} @ {m.spec.image_size} px and {spec.filters} @ "
+                                 f"{spec.image_size} px")
+            if m.spec.readout != "dense" or not m.spec.activation:
+                raise ValueError("PackedStudents: students must have the dense readout and ReLUs")
+        self.specs = [m.spec for m in students]
+        self.n = n = len(students)
+        k, ks = spec.filters, spec.kernel_size
+        self.strides, self.ks = spec.strides, ks
+        cat = lambda get: torch.cat([get(m).detach() for m in students])  # noqa: E731
+        self.w0 = torch.nn.Parameter(cat(lambda m: m.layer0_conv.weight).clone())
+        self.b0 = torch.nn.Parameter(cat(lambda m: m.layer0_conv.bias).clone())
+        self.depth = torch.nn.ParameterList(
+            [torch.nn.Parameter(cat(lambda m, l=l: m.depthwise(l).weight).clone()) for l in range(1, 5)])
+        self.point = torch.nn.ParameterList(
+            [torch.nn.Parameter(cat(lambda m, l=l: m.pointwise(l).weight).clone()) for l in range(1, 5)])
+        self.point_bias = torch.nn.ParameterList(
+            [torch.nn.Parameter(cat(lambda m, l=l: m.pointwise(l).bias).clone()) for l in range(1, 5)])
+        self.bns = torch.nn.ModuleList()
+        for l in range(5):
+            bn = torch.nn.BatchNorm2d(n * k[l], eps=spec.bn_eps, momentum=spec.bn_momentum)
+            with torch.no_grad():
+                for name in ("weight", "bias", "running_mean", "running_var"):
+                    getattr(bn, name).copy_(cat(lambda m, l=l, name=name: getattr(m.bn(l), name)))
+            self.bns.append(bn)
+        self.readout = torch.nn.Parameter(torch.stack([m.readout.weight.detach()[0] for m in students]).clone())
+        self.readout_bias = torch.nn.Parameter(torch.cat([m.readout.bias.detach() for m in students]).clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from farm.models.compact import same_pad
+
+        x = F.conv2d(same_pad(x, self.ks, self.strides[0]), self.w0, self.b0)
+        x = F.relu(self.bns[0](x))
+        for l in range(1, 5):
+            s = self.strides[l]
+            d = F.conv2d(same_pad(x, self.ks, s), self.depth[l - 1], None, s, 0, 1, x.shape[1])
+            x = F.conv2d(d, self.point[l - 1], self.point_bias[l - 1], groups=self.n)
+            x = F.relu(self.bns[l](x))
+        b, _, r, _ = x.shape
+        a = x.view(b, self.n, -1, r, r).permute(0, 1, 3, 4, 2).flatten(2)  # (B, n, R*R*K4), NHWC per neuron
+        return torch.einsum("bnf,nf->bn", a, self.readout) + self.readout_bias
+
+    @torch.no_grad()
+    def smooth_(self, sigma: float = 0.5) -> "PackedStudents":
+        """``smooth_kernels_`` of every student: depthwise kernels of layers 1-4 and readout maps."""
+        if sigma <= 0:
+            return self
+        for w in self.depth:
+            _smooth_last_two_(w, sigma)
+        r, k4 = self.specs[0].readout_size, self.specs[0].filters[4]
+        _smooth_last_two_(self.readout.view(self.n, r, r, k4).permute(0, 3, 1, 2), sigma)
+        return self
+
+    @torch.no_grad()
+    def unpack(self) -> list[CompactModel]:
+        """The n students as CompactModels (on the pack's device, eval mode)."""
+        k = self.specs[0].filters
+        dev = self.w0.device
+        out = []
+        for j, spec in enumerate(self.specs):
+            m = CompactModel(spec).to(dev)
+            sl = lambda l, j=j: slice(j * k[l], (j + 1) * k[l])  # noqa: E731
+            m.layer0_conv.weight.copy_(self.w0[sl(0)])
+            m.layer0_conv.bias.copy_(self.b0[sl(0)])
+            for l in range(1, 5):
+                m.depthwise(l).weight.copy_(self.depth[l - 1][sl(l - 1)])
+                m.pointwise(l).weight.copy_(self.point[l - 1][sl(l)])
+                m.pointwise(l).bias.copy_(self.point_bias[l - 1][sl(l)])
+            for l in range(5):
+                for name in ("weight", "bias", "running_mean", "running_var"):
+                    getattr(m.bn(l), name).copy_(getattr(self.bns[l], name)[sl(l)])
+                m.bn(l).num_batches_tracked.copy_(self.bns[l].num_batches_tracked)
+            m.readout.weight.copy_(self.readout[j][None])
+            m.readout.bias.copy_(self.readout_bias[j:j + 1])
+            out.append(m.eval())
+        return out
+
+
+@dataclass
+class DistillManyResult:
+    """models: the trained students, in input order (eval mode). history: as DistillResult's, with
+    ``loss`` the mean over neurons, ``losses`` per neuron and ``eval_r2`` a list per neuron."""
+
+    models: list[CompactModel]
+    history: list[dict] = field(default_factory=list)
+    steps: int = 0
+    images_seen: int = 0
+    seconds: float = 0.0
+
+
+def distill_many(students: list[CompactModel], images: np.ndarray, targets: np.ndarray,
+                 config: DistillConfig | None = None, device: str | torch.device = "cpu",
+                 threads: int | None = None, callback: Callable[[int, dict], None] | None = None,
+                 eval_images: np.ndarray | None = None, eval_targets: np.ndarray | None = None,
+                 teacher=None, neuron_ids: list[str] | None = None) -> DistillManyResult:
+    """``distill`` for several neurons at once, packed into one network (``PackedStudents``).
+
+    students: n CompactModels of one spec (not modified; the trained ones are returned).
+    targets: float (N, n), column j = student j's neuron; eval_targets (M, n). With
+    ``config.augment``: targets None and ``teacher`` + ``neuron_ids`` (one per student).
+    Equal, up to float rounding, to calling ``distill`` on each student with the same config.
+    """
+    config = config or DistillConfig()
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    pack = PackedStudents(list(students))
+    images = _check_images(images, "distill_many: images")
+    size = pack.specs[0].image_size
+    if images.shape[1:3] != (size, size):
+        raise ValueError(f"distill_many: images are {images.shape[1]}x{images.shape[2]} px but the "
+                         f"students take {size}x{size}")
+    if len(images) < 2:
+        raise ValueError(f"distill_many: need at least 2 training images, got {len(images)}")
+    columns = None
+    if config.augment:
+        if teacher is None or neuron_ids is None or len(neuron_ids) != pack.n:
+            raise ValueError("distill_many: config.augment needs teacher= and one neuron id per student")
+        ids = list(map(str, teacher.neuron_ids))
+        columns = [ids.index(str(nid)) for nid in neuron_ids]
+        targets = None
+    else:
+        targets = _targets_matrix(targets, len(images), pack.n, "distill_many: targets")
+    eval_images, eval_targets = _check_eval(eval_images, eval_targets, pack.n, "distill_many")
+    if pack.n == 1 and eval_targets is not None:
+        eval_targets = eval_targets.reshape(-1, 1)
+    history, steps, seconds = _fit(pack, lambda: pack.smooth_(config.smooth_sigma), images, targets, config,
+                                   device, callback, eval_images, eval_targets, teacher, columns)
+    return DistillManyResult(models=pack.unpack(), history=history, steps=steps,
+                             images_seen=steps * config.batch_size, seconds=seconds)

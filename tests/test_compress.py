@@ -12,6 +12,7 @@ from farm.compress import (CompressConfig, CompressionResult, RealData, compress
 from farm.data.images import natural_like
 from farm.data.simulate import SimulationConfig, simulate_population
 from farm.distill import DistillConfig, predict, split_heldout, squared_pearson
+from farm.models.compact import CompactSpec
 from farm.prune import PruneConfig
 
 SIZE = 16  # px
@@ -176,3 +177,36 @@ def test_compression_recovers_small_ground_truth_neurons(sim):
         assert result.r2_teacher_heldout >= 0.8, summary
         assert result.total_filters <= 3 * truth.filter_counts[nid], summary
         assert result.total_filters < CompressConfig.from_dict(cfg.to_dict()).student_filters[0] * 6
+
+
+# -- real data --------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_compress_real_190923_neurons_from_the_shared_compact_teacher(v4_dir, published_dir, tmp_path):
+    """CPU-sized compression of 3 real V4 neurons (190923:0-2; test session 190923 is never in the bank).
+
+    Teacher: the published shared compact model distilled from the paper's ensemble (200 filters).
+    Bank: 2,000 crops of TRAINING-session images only, 400 held out for pruning. Student: 8 filters
+    per layer at 112 px; 6 passes of distillation and 2 of retraining. Evaluation: raw R² and r
+    against the repeat-averaged responses of 190923's second half (its raw repeats are not public),
+    next to the published compact models of the same neurons (benchmarks/compress_real_190923.py;
+    larger runs and their numbers: benchmarks/README.md). With 1,600 training images the students
+    overfit (train R² to the teacher ~0.45, held-out ~0.2), so the claim tested is modest: every
+    compressed model correlates positively with the real responses, and the median r is beyond what
+    chance gives for 600 images (r > 0.134 is p < 0.001).
+    """
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "compress_real_190923.py"
+    spec = importlib.util.spec_from_file_location("compress_real_190923", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.run(v4_dir, published_dir, tmp_path, n_bank=2000, n_heldout=400, filters=8,
+                     distill_passes=6, retrain_passes=2, lr=1e-3)
+    print("\n" + bench.table(rows))
+    assert [r["neuron"] for r in rows] == list(bench.NEURONS)
+    student_params = CompactSpec(filters=(8,) * 5, image_size=112).param_count()
+    for r in rows:
+        assert r["r"] > 0, r  # r² is sign-blind: check the sign (method.md §10)
+        assert max(r["filters"]) <= 8 and r["params"] < student_params, r
+    assert np.median([r["r"] for r in rows]) > 0.134

@@ -199,6 +199,18 @@ def test_teacher_responses_need_ids_to_cache_and_uint8_images(neurons, tmp_path)
         compute_teacher_responses(CompactTeacher(neurons[:2]), images.astype(np.float32))
 
 
+def test_teacher_fingerprint_follows_weights_and_selected_outputs(neurons):
+    from farm.distill import teacher_fingerprint
+    from farm.models.published import SelectOutputs
+
+    full = CompactTeacher(neurons[:2])
+    assert teacher_fingerprint(full) == teacher_fingerprint(CompactTeacher(neurons[:2]))
+    assert teacher_fingerprint(full) != teacher_fingerprint(CompactTeacher(neurons[1:3]))
+    one = SelectOutputs(full, [full.neuron_ids[1]])
+    assert teacher_fingerprint(one) not in (None, teacher_fingerprint(full))
+    assert teacher_fingerprint(one) == teacher_fingerprint(SelectOutputs(full, [full.neuron_ids[1]]))
+
+
 def test_split_heldout_is_a_seeded_partition():
     train, held = split_heldout(100, 30, seed=3)
     assert len(held) == 30 and len(train) == 70
@@ -298,3 +310,37 @@ def test_distill_rejects_bad_input(bank_images):
         distill(tiny_student(), images, targets, cfg, eval_images=images)
     with pytest.raises(ValueError, match="targets are required"):
         distill(tiny_student(), images, None, cfg)
+
+
+def test_distill_many_trains_a_pack_like_students_one_by_one(bank_images):
+    """Several neurons at once (PackedStudents): the same losses and, up to float rounding (a
+    near-zero gradient whose sign flips moves a weight by ~2 lr under Adam), the same weights."""
+    from farm.distill import PackedStudents, distill_many
+
+    images = bank_images[:400]
+    rng = np.random.default_rng(0)
+    targets = (images.mean(axis=(1, 2, 3))[:, None] / 50 + rng.standard_normal((400, 3))).astype(np.float32)
+
+    def students():
+        return [build_compact(CompactSpec(filters=(5,) * 5, image_size=SIZE), seed=s) for s in range(3)]
+
+    unpacked = PackedStudents(students()).unpack()  # pack -> unpack is the identity
+    for a, b in zip(unpacked, students()):
+        for k, v in b.state_dict().items():
+            assert torch.equal(a.state_dict()[k], v), k
+    lr = 1e-4
+    cfg = DistillConfig(n_images=4 * 32, batch_size=32, lr=lr, smooth_every_images=64, bn_recalibrate_images=64,
+                        log_every_steps=1, seed=3)
+    many = distill_many(students(), images, targets, cfg, eval_images=images[:50], eval_targets=targets[:50])
+    singles = [distill(m, images, targets[:, j], cfg) for j, m in enumerate(students())]
+    for step in range(4):
+        np.testing.assert_allclose(many.history[step]["losses"], [s.history[step]["loss"] for s in singles],
+                                   rtol=1e-5)
+    for packed, single in zip(many.models, singles):
+        for k, v in single.model.state_dict().items():
+            np.testing.assert_allclose(packed.state_dict()[k].numpy(), v.numpy(), atol=10 * lr, rtol=1e-3)
+    assert len(many.history[-1]["eval_r2"]) == 3
+    with pytest.raises(ValueError, match="same widths"):
+        PackedStudents([tiny_student(), build_compact(CompactSpec(filters=(4,) * 5, image_size=SIZE))])
+    with pytest.raises(ValueError, match="neurons"):
+        distill_many(students(), images, targets[:, :2], cfg)
