@@ -146,8 +146,8 @@ def test_backbone_loads_a_local_torchvision_weights_file(tmp_path):
         build_backbone(BackboneSpec(input_size=64, weights_path=str(path), weights_sha256="0" * 64))
     with pytest.raises(FileNotFoundError, match="no such file"):
         build_backbone(BackboneSpec(input_size=64, weights_path=str(tmp_path / "missing.pt")))
-    with pytest.raises(ValueError, match="layer"):
-        build_backbone(BackboneSpec(input_size=64, layer="layer9.1"))
+    with pytest.raises(ValueError, match="layer9"):
+        build_backbone(BackboneSpec(name="resnet18", input_size=64, layer="layer9.1"))
 
 
 def test_feature_cache_writes_and_reuses_npy(tmp_path):

@@ -144,15 +144,9 @@ class Backbone(nn.Module):
         super().__init__()
         import torchvision
 
-        try:
-            # weights=None always: this code never downloads anything.
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(int(spec.seed))
-                full = torchvision.models.get_model(spec.name, weights=None)
-        except ValueError as e:
-            raise ValueError(f"BackboneSpec.name {spec.name!r}: not a torchvision model ({e})") from e
         self.pretrained = spec.weights_path is not None
         if spec.weights_path is not None:
+            # Check the file before building anything, so a wrong path or hash fails fast.
             path = Path(spec.weights_path)
             if not path.is_file():
                 raise FileNotFoundError(f"backbone weights_path {path}: no such file "
@@ -161,6 +155,14 @@ class Backbone(nn.Module):
             if spec.weights_sha256 is not None and spec.weights_sha256 != digest:
                 raise ValueError(f"backbone weights {path}: sha256 {digest[:12]}... differs from the "
                                  f"recorded {spec.weights_sha256[:12]}...; the file changed")
+        try:
+            # weights=None always: this code never downloads anything.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int(spec.seed))
+                full = torchvision.models.get_model(spec.name, weights=None)
+        except ValueError as e:
+            raise ValueError(f"BackboneSpec.name {spec.name!r}: not a torchvision model ({e})") from e
+        if spec.weights_path is not None:
             try:
                 state = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as e:  # noqa: BLE001 - any unreadable file gets the same clear message
