@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 # A small, fast teacher for the simulated population (32 px images, resnet18 cut early).
 SMALL = dict(backbone="resnet18", backbone_layer="layer1.1", input_size=32, n_members=2, member_width=16,
              block_width=8, n_blocks=1, epochs=2, readout_units=20, readout_reset_scale=0.05,
-             validation_folds=4, feature_batch_size=128)
+             validation_folds=4, feature_batch_size=128, threads=1)
 
 
 @pytest.fixture(scope="module")

@@ -413,7 +413,8 @@ def build_member(spec: MemberSpec | dict, seed: int | None = None) -> Member:
 # readouts
 
 
-def readout_init_weights(width: int, side: int, units: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def readout_init_weights(width: int, side: int, units: int,
+                         generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """A member's initial Glorot readout kernels for ``units`` outputs, as Keras would draw them.
 
     Returns mixing (units, width) (a 1x1 conv width->units: fans width, units) and spatial
