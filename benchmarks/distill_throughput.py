@@ -135,12 +135,16 @@ def main(argv=None) -> None:
     p.add_argument("--steps-factor", type=float, default=1.0, help="scale the timed steps (x20 on a GPU)")
     p.add_argument("--pack", type=int, nargs="+", default=[1],
                    help="neurons trained at once (distill_many); e.g. --pack 1 8")
+    p.add_argument("--pack-scales", nargs="+", default=["demo", "test"], choices=list(SCALES),
+                   help="the scales that also get the packed (pack > 1) measurements")
     p.add_argument("--readme", type=Path, default=None, help="write the table into this README's section")
     args = p.parse_args(argv)
     rows = []
     for name in args.scales:
         size, filters, steps = SCALES[name]
         for pack in args.pack:
+            if pack > 1 and name not in args.pack_scales:
+                continue
             n_steps = max(2, int(round(steps * args.steps_factor / pack)))
             r = measure(size, filters, n_steps, args.batch_size, args.device, args.threads, pack)
             rows.append({"scale": name, "size": size, "filters": filters, "pack": pack, "batch": args.batch_size,
