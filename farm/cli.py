@@ -13,10 +13,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
-from pathlib import Path
 
 
 def _progress_printer(label: str):
@@ -124,6 +122,19 @@ def cmd_teacher(args) -> int:
 
 # -- analysis ---------------------------------------------------------------------------------------
 def cmd_analyze(args) -> int:
+    if args.config:  # a whole compress job: every positional argument is a config override
+        from farm.analyze_job import run_analyze_job
+        from farm.config import load_job_config
+
+        res = run_analyze_job(load_job_config(args.config, args.targets), force=args.force)
+        if res.failed:
+            print(f"farm: the analysis of {len(res.failed)} model(s) FAILED (errors in their MLflow runs' "
+                  "farm.analysis_error tag): " + ", ".join(r["neuron_id"] for r in res.failed), file=sys.stderr)
+            return 1
+        return 0
+    if len(args.targets) != 1 or not args.out:
+        raise ValueError("analyze: give one MODEL and --out DIR, or --config JOB_CONFIG [overrides]")
+    args.model = args.targets[0]
     from farm import pipeline
 
     return pipeline.analyze_command(args)
@@ -184,9 +195,18 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--out", required=True, help="output .npy (images x neurons)")
     t.set_defaults(func=cmd_teacher)
 
-    a = sub.add_parser("analyze", help="analyses of a compact model (maximizing images, saliency, dots, ...)")
-    a.add_argument("model", help="compact model folder (spec.json + state_dict.pt) or published .pt")
-    a.add_argument("--out", required=True)
+    a = sub.add_parser(
+        "analyze", help="analyses of a compact model, or of every model of a compress job (--config)",
+        description="farm analyze MODEL --out DIR: every analysis of one compact model.\n"
+                    "farm analyze --config JOB_CONFIG [key=value ...]: every model of that compress job, as Ray "
+                    "tasks, logged to the neurons' MLflow runs, plus population analyses on the job's run.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    a.add_argument("targets", nargs="*", metavar="MODEL | OVERRIDE",
+                   help="a compact model folder (spec.json + state_dict.pt) or published .pt; with --config: "
+                        "config overrides key.sub=value")
+    a.add_argument("--config", help="a compress job's YAML config (path or name in configs/): analyse its models")
+    a.add_argument("--force", action="store_true", help="with --config: redo models analysed before")
+    a.add_argument("--out", help="output folder (one model)")
     a.add_argument("--images", help="npy of natural images (uint8 N,H,W,3) for ranking/saliency")
     a.add_argument("--tracking-uri")
     a.add_argument("--run-id", help="log figures and data to this MLflow run (e.g. the neuron's child run)")

@@ -104,6 +104,23 @@ class SweepConfig:
 
 
 @dataclass
+class AnalyzeConfig:
+    """``farm analyze --config``: analyses of a compress job's models (farm.analyze_job).
+
+    neurons: which finished neurons ("" = all). images: bank images drawn at random per model (the
+    "normal" baseline, adversarial base images, CKA and signal-correlation images). top_k: maximizing
+    natural images kept per model from the whole bank. config: ``farm.analysis.AnalysisConfig``
+    fields (e.g. {synth: {n_steps: 200}, analyses: [synth, natural, dots]}).
+    Not part of the job id: analysing a job never changes which job it is.
+    """
+
+    neurons: str = ""
+    images: int = 2000
+    top_k: int = 10
+    config: dict = field(default_factory=dict)
+
+
+@dataclass
 class JobConfig:
     name: str = "demo"
     job_id: str | None = None
@@ -117,6 +134,7 @@ class JobConfig:
     farm: FarmResources = field(default_factory=FarmResources)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    analysis: AnalyzeConfig = field(default_factory=AnalyzeConfig)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -126,7 +144,7 @@ class JobConfig:
         if self.job_id:
             return self.job_id
         d = self.to_dict()
-        for k in ("farm", "tracking", "job_id"):
+        for k in ("farm", "tracking", "job_id", "analysis"):
             d.pop(k)
         digest = hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
         return f"{self.name}-{digest}"

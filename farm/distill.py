@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from farm.data.images import recenter
+from farm.data.images import recenter, tensor_view
 from farm.models.compact import CompactModel
 
 log = logging.getLogger(__name__)
@@ -652,10 +652,10 @@ def _fit(net: torch.nn.Module, smooth: Callable[[], object], images: np.ndarray,
                  if n_recal >= 2 else None)
     aug_rng = np.random.default_rng([int(config.seed), 1])
     # The uint8 images stay on the host unless they are small enough to sit on the GPU whole.
-    images_t = torch.from_numpy(images)
+    images_t = tensor_view(images)
     if cuda and images.nbytes <= 2 * 1024 ** 3:
         images_t = images_t.to(dev)
-    targets_t = torch.from_numpy(targets).to(dev) if targets is not None else None
+    targets_t = tensor_view(targets).to(dev) if targets is not None else None
     if config.augment:
         from farm.data.images import augment as augment_images
 

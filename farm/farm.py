@@ -276,7 +276,6 @@ def run_neurons(neurons: Sequence[str], inputs: NeuronInputs, compress_cfg: dict
                 progress: bool = True, on_result: Callable[[dict], None] | None = None) -> list[dict]:
     """One Ray task per neuron over shared inputs; results handled as they finish."""
     import ray
-    from tqdm import tqdm
 
     remote = ray.remote(_neuron_task).options(
         num_cpus=num_cpus, num_gpus=num_gpus, max_retries=max_retries, retry_exceptions=False,
@@ -288,17 +287,35 @@ def run_neurons(neurons: Sequence[str], inputs: NeuronInputs, compress_cfg: dict
     ids = list(inputs.neuron_ids)
     pending = {remote.remote(n, ids, *refs, compress_cfg, seed, tracker, parent_run_id, device, register): n
                for n in neurons}
+    def lost(nid, err):  # retries exhausted (e.g. the worker died every time)
+        tracker.log_failed_child(parent_run_id, nid, err, neuron_params(nid, compress_cfg, seed))
+
+    return gather(pending, "neurons", "neuron", progress, on_lost=lost, on_result=on_result)
+
+
+def gather(pending: dict, desc: str, unit: str, progress: bool = True,
+           on_lost: Callable[[str, str], None] | None = None,
+           on_result: Callable[[dict], None] | None = None) -> list[dict]:
+    """Results of Ray tasks ``{ref: neuron id}`` as they finish (``ray.wait``), with a tqdm bar.
+
+    Each task returns a row dict with "neuron_id" and "status". A task that raised (its retries
+    exhausted) becomes ``{"status": "FAILED", "error": ...}`` after ``on_lost(neuron_id, error)``."""
+    import ray
+    from tqdm import tqdm
+
+    pending = dict(pending)
     rows = []
-    bar = tqdm(total=len(pending), desc="neurons", unit="neuron", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=len(pending), desc=desc, unit=unit, disable=not progress, dynamic_ncols=True)
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
         for ref in done:
             nid = pending.pop(ref)
             try:
                 row = ray.get(ref)
-            except Exception as e:  # retries exhausted (e.g. the worker died every time)
+            except Exception as e:
                 err = f"{type(e).__name__}: {e}"
-                tracker.log_failed_child(parent_run_id, nid, err, neuron_params(nid, compress_cfg, seed))
+                if on_lost:
+                    on_lost(nid, err)
                 row = {"neuron_id": nid, "status": "FAILED", "error": err}
             rows.append(row)
             if on_result:

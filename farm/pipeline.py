@@ -404,7 +404,7 @@ def print_summary(summary: list, title: str = "") -> None:
 
 # -- CLI helpers for `farm teacher` and `farm analyze` ----------------------------------------------
 def teacher_command(args) -> int:
-    from farm.teacher import EnsembleTeacher, evaluate_teacher, run_teacher_training
+    from farm.teacher import evaluate_teacher, run_teacher_training
 
     if args.teacher_cmd == "train":
         tracker = Tracker.open(args.tracking_uri or default_tracking_uri(), args.experiment)
@@ -471,7 +471,8 @@ def _load_any_teacher(path: str):
 def analyze_command(args) -> int:
     """``farm analyze MODEL --out DIR``: every analysis of one compact model; figures (PNG), data
     (.npz per analysis) and metrics (metrics.json) under DIR, and in an MLflow run when given."""
-    from farm.analysis import run_all_analyses, save_figure, save_result_npz
+    from farm.analysis import run_all_analyses
+    from farm.analyze_job import write_analysis
 
     p = Path(args.model)
     if p.suffix == ".pt":
@@ -484,14 +485,8 @@ def analyze_command(args) -> int:
         model = load_compact(p)
     images = np.load(args.images) if args.images else None
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     res = run_all_analyses(model, images)
-    for name, result in res["results"].items():
-        if result is not None:
-            save_result_npz(result, out / f"{name}.npz")
-    for name, fig in res["figures"].items():
-        save_figure(fig, out / f"{name}.png")
-    (out / "metrics.json").write_text(json.dumps(res["metrics"], indent=2, default=float))
+    write_analysis(res, out)
     if args.run_id:
         tracker = Tracker.open(args.tracking_uri or default_tracking_uri(), args.experiment)
         tracker.log_metrics(args.run_id, {f"analysis.{k}": v for k, v in res["metrics"].items()})

@@ -120,6 +120,39 @@ class SweepResult:
         return None if self.chosen is None else self.trials[self.chosen]
 
 
+def _trial_progress(total: int):
+    """A Tune callback drawing a tqdm bar of finished trials (Tune's own trial tables are switched off)."""
+    from ray.tune import Callback
+    from tqdm import tqdm
+
+    class TrialBar(Callback):
+        def __init__(self):
+            self.bar = None
+
+        def __getstate__(self):  # Tune saves its run config with the experiment: drop the live bar
+            return {"bar": None}
+
+        def _tick(self, trial, status):
+            if self.bar is None:
+                self.bar = tqdm(total=total, desc="sweep trials", unit="trial", dynamic_ncols=True)
+            c = trial.config
+            self.bar.set_postfix_str(f"{c.get('neuron_id')} tau={c.get('tau', float('nan')):.3g} "
+                                     f"{c.get('criterion')} {status}")
+            self.bar.update(1)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._tick(trial, "done")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._tick(trial, "ERROR")
+
+        def on_experiment_end(self, trials, **info):
+            if self.bar is not None:
+                self.bar.close()
+
+    return TrialBar()
+
+
 def run_sweep(neurons: Sequence[str], inputs: NeuronInputs, compress_cfg: dict, taus: Sequence[float],
               criteria: Sequence[str], tracker: Tracker, parent_run_id: str, storage_path: str,
               name: str, seed: int = 0, eps: float = 0.02, search: str = "grid", num_samples: int = 1,
@@ -137,6 +170,8 @@ def run_sweep(neurons: Sequence[str], inputs: NeuronInputs, compress_cfg: dict, 
     neurons = list(neurons)
 
     # 1. distill once per neuron, in parallel (cached across runs of the sweep)
+    if progress:
+        print(f"sweep: distilling {len(neurons)} neuron(s) once (cached in {cache_dir}) ...", flush=True)
     refs = [ray.put(a) for a in (inputs.bank_images, inputs.bank_targets, inputs.heldout_images,
                                  inputs.heldout_targets)]
     shared = NeuronInputs(list(inputs.neuron_ids), *refs)
@@ -173,7 +208,10 @@ def run_sweep(neurons: Sequence[str], inputs: NeuronInputs, compress_cfg: dict, 
             tune_config=tune.TuneConfig(num_samples=samples, max_concurrent_trials=max_concurrent),
             run_config=tune.RunConfig(name=name, storage_path=storage_path,
                                       failure_config=tune.FailureConfig(max_failures=max_failures),
-                                      verbose=1 if progress else 0))
+                                      verbose=0,
+                                      callbacks=[_trial_progress(len(neurons) * len(taus) * len(criteria)
+                                                                 if search == "grid" else len(neurons) * samples)]
+                                      if progress else None))
     grid = tuner.fit()
     del shared
 

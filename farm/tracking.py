@@ -105,11 +105,8 @@ class Tracker:
                   tags: Mapping[str, str] | None = None, kind: str = "job") -> str:
         """The parent run of ``job_id``: reused when the job ran before, else created. Returns its id."""
         client = self.client
-        found = client.search_runs([self.experiment_id],
-                                   filter_string=f"tags.`{TAG_JOB}` = '{job_id}' and tags.`{TAG_KIND}` = '{kind}'",
-                                   max_results=1, order_by=["attributes.start_time ASC"])
-        if found:
-            run_id = found[0].info.run_id
+        run_id = self.find_job(job_id, kind)
+        if run_id is not None:
             client.update_run(run_id, status="RUNNING")
             return run_id
         run = client.create_run(self.experiment_id, run_name=f"{kind}-{job_id}",
@@ -117,6 +114,13 @@ class Tracker:
         if params:
             self.log_params(run.info.run_id, params)
         return run.info.run_id
+
+    def find_job(self, job_id: str, kind: str = "job") -> str | None:
+        """The parent run id of ``job_id`` (the first one started), or None."""
+        found = self.client.search_runs([self.experiment_id],
+                                        filter_string=f"tags.`{TAG_JOB}` = '{job_id}' and tags.`{TAG_KIND}` = '{kind}'",
+                                        max_results=1, order_by=["attributes.start_time ASC"])
+        return found[0].info.run_id if found else None
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
@@ -235,4 +239,5 @@ class Tracker:
         return mv.version
 
     def download(self, run_id: str, artifact_path: str, dst: str | os.PathLike) -> Path:
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per tiny folder
         return Path(self.client.download_artifacts(run_id, artifact_path, str(dst)))

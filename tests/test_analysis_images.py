@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 import torch
@@ -14,21 +12,6 @@ from farm.analysis import (AdversarialParams, NaturalParams, SynthParams, advers
 from farm.analysis.natural import hash_priority
 from farm.data.images import natural_like
 from farm.models.compact import CompactSpec, build_compact
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine two threads each
-    measured ~10x slower than one (oversubscription). FARM_TEST_THREADS, when set, still decides."""
-    if "FARM_TEST_THREADS" in os.environ:
-        yield
-        return
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 SIZE = 40

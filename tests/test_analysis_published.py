@@ -3,29 +3,11 @@ with that session's natural images (../shared/data/v4)."""
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
-import torch
 
 from farm.analysis import (AdversarialParams, AnalysisConfig, DotParams, NaturalParams, SaliencyParams, SynthParams,
                            fit_affine, predict, run_all_analyses, run_population_analyses, saliency_map, synthesize)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine two threads each
-    measured ~10x slower than one (oversubscription). FARM_TEST_THREADS, when set, still decides."""
-    if "FARM_TEST_THREADS" in os.environ:
-        yield
-        return
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def _model(published_dir, i):

@@ -13,6 +13,7 @@ Slow: a killed driver + re-run through the CLI, the Tune sweep.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import signal
@@ -481,3 +482,87 @@ def test_sweep_trials_pareto_chosen_cache_and_resume(tiny_base, local_ray, tmp_p
         else:
             assert [c.info.run_id for c in chosen] == [res.chosen_trial["run_id"]]
     assert {"sweep/pareto_sim1_0.png", "sweep/pareto_sim1_1.png"} <= artifact_paths(tracker, parent, "sweep")
+
+
+# -- job-level analyses -----------------------------------------------------------------------------
+TINY_ANALYSIS = {
+    "synth": {"n_steps": 10, "n_restarts": 2},
+    "natural": {"top_k": 4, "n_random": 60},
+    "saliency": {"patch_radius": 4, "stride": 8, "n_patches": 2, "n_controls": 2},
+    "dots": {"radii": [1, 2, 3, 5, 8], "counts": [1, 2, 4], "n_per_count": 2},
+    "n_base_images": 3, "n_shown": 4, "ablation_layers": [1, 6], "cumulative_layer": 3, "cka_images": 100,
+}
+
+
+def test_analyze_job_logs_each_model_and_the_population_then_skips(tiny_base, local_ray, tmp_path):
+    from farm.analysis.common import predict
+    from farm.analyze_job import TAG_ANALYZED, run_analyze_job
+    from farm.data.images import ImageBank
+    from farm.models.compact import load_compact
+    from farm.pipeline import run_compress_job
+
+    cfg = load_job_config(write_config(tmp_path, tiny_base,
+                                       analysis={"images": 200, "top_k": 4, "config": TINY_ANALYSIS}))
+    with pytest.raises(ValueError, match="no compress job"):
+        run_analyze_job(cfg, progress=False)
+    job = run_compress_job(cfg, progress=False)
+    res = run_analyze_job(cfg, progress=False)
+    tracker = Tracker.open(cfg.tracking.uri, "tiny")
+    assert res.parent_run_id == job.parent_run_id and res.failed == [] and res.skipped == []
+    children = neuron_children(tracker, job.parent_run_id, "FINISHED")
+    assert sorted(r["neuron_id"] for r in res.rows) == sorted(r.data.tags[TAG_NEURON] for r in children)
+    assert len(children) == N_NEURONS
+
+    _, bank_images, _ = ImageBank(tiny_base / "bank").load_all()
+    for run in children:
+        nid, m = run.data.tags[TAG_NEURON], run.data.metrics
+        assert run.data.tags[TAG_ANALYZED] == "true" and run.info.status == "FINISHED"
+        arts = artifact_paths(tracker, run.info.run_id, "analysis")
+        assert {"analysis/metrics.json", "analysis/natural.npz", "analysis/synth_max.png", "analysis/dots.png",
+                "analysis/saliency.png", "analysis/adversarial.png", "analysis/dsi_layer1.png"} <= arts, nid
+        # The maximizing natural image was searched over the whole bank, not only the sample.
+        model = load_compact(tracker.download(run.info.run_id, "model", tmp_path / "dl" / nid.replace(":", "_")))
+        whole_bank = predict(model, bank_images)
+        assert m["analysis.natural_top1"] == pytest.approx(float(whole_bank.max()), rel=1e-4, abs=1e-5)
+        # Adversarial+ raises the response and adversarial- lowers it.
+        assert m["analysis.adversarial_plus_mean_change"] > 0 > m["analysis.adversarial_minus_mean_change"]
+
+    parent = tracker.client.get_run(job.parent_run_id)
+    assert {"analysis/population/cka.png", "analysis/population/gallery.png",
+            "analysis/population/gallery_natural.png", "analysis/population/kernel_similarity.png",
+            "analysis/population/metrics.json"} <= artifact_paths(tracker, job.parent_run_id, "analysis")
+    assert parent.data.metrics["analysis.models"] == N_NEURONS and "analysis.cka_layer0" in parent.data.metrics
+    assert (Path(cfg.out_dir) / "analysis" / "summary.json").is_file()
+
+    # Re-running analyses nothing again (population figures are refreshed); --force would redo them.
+    again = run_analyze_job(cfg, progress=False)
+    assert again.rows == [] and sorted(again.skipped) == sorted(r["neuron_id"] for r in res.rows)
+
+
+# -- the demo ---------------------------------------------------------------------------------------
+def test_the_demo_config_end_to_end(tiny_base, local_ray, tmp_path, capsys):
+    """configs/demo.yaml as `farm demo` runs it (simulate -> ensemble teacher -> compress the test
+    session on Ray -> sweep), shrunk by overrides; the summary table and the MLflow UI command."""
+    from farm.pipeline import run_demo
+
+    shutil.copyfile(tiny_base / "template.db", tmp_path / "mlflow.db")
+    overrides = [f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "neurons=sim2",
+                 "data.simulate={n_sessions: 3, n_neurons: 3, n_images: 240, image_size: 32, filters: [3, 4]}",
+                 "bank.bank.n_images=600", "bank.heldout=150", "compress.student_filters=[6,6,6,6,6]",
+                 "compress.distill.passes=1", "compress.retrain.passes=1", "sweep.taus=[0.8,0.95]",
+                 "sweep.neurons=sim2:0", "farm.local_num_cpus=2"]
+    result = run_demo(str(tmp_path / "demo"), overrides)
+    out = capsys.readouterr().out
+    assert result.failed == [] and [s["neuron_id"] for s in result.summary] == ["sim2:0", "sim2:1", "sim2:2"]
+    for s in result.summary:
+        assert 0 <= s["r2_teacher_heldout"] <= 1 and "r2_ground_truth" in s and s["param_count"] > 0
+    assert "R² truth" in out and "sim2:2" in out and "sweep (per neuron" in out
+    assert f"--backend-store-uri sqlite:///{tmp_path / 'mlflow.db'}" in out and "--host 127.0.0.1" in out
+
+    tracker = Tracker.open(f"sqlite:///{tmp_path / 'mlflow.db'}", "farm-demo")
+    sweep_parent = tracker.find_job(result.job_id + "-sweep", kind="sweep")
+    trials = tracker.child_runs(sweep_parent)
+    assert sorted(float(r.data.params["tau"]) for r in trials) == [0.8, 0.95]
+    assert sum(r.data.tags.get("farm.chosen") == "true" for r in trials) == 1
+    written = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert written["job_id"] == result.job_id and len(written["neurons"]) == 3

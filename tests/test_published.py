@@ -19,7 +19,6 @@ import torch
 from PIL import Image
 
 from farm.data.images import RGB_MEANS, recenter
-from farm.models.base import CompactTeacher
 from farm.models.published import (
     SHARED_NEURON_IDS,
     SelectOutputs,

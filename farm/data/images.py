@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import os
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -24,9 +25,20 @@ log = logging.getLogger(__name__)
 RGB_MEANS = np.array([116.222, 109.270, 100.381], dtype=np.float32)
 
 
+def tensor_view(a: np.ndarray) -> torch.Tensor:
+    """A tensor sharing ``a``'s memory, also when ``a`` is read-only (arrays from Ray's object store
+    are): callers only read it (indexing and arithmetic copy), so torch's non-writable warning is
+    noise there."""
+    if a.flags.writeable:
+        return torch.from_numpy(a)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(a)
+
+
 def recenter(images: np.ndarray | torch.Tensor, device: str | torch.device = "cpu") -> torch.Tensor:
     """uint8 (N, H, W, 3) RGB -> float32 (N, 3, H, W) raw minus RGB_MEANS, on ``device``."""
-    x = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
+    x = images if isinstance(images, torch.Tensor) else tensor_view(np.asarray(images))
     if x.ndim != 4 or x.shape[-1] != 3:
         raise ValueError(f"images must be (N, H, W, 3) RGB, got shape {tuple(x.shape)}")
     x = x.to(device=device, dtype=torch.float32)

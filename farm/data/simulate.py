@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from farm.data.images import gaudy, gaussian_filter, natural_like, recenter
 from farm.data.sessions import Session
-from farm.models.compact import CompactModel, CompactSpec, build_compact, load_compact, same_pad, save_compact
+from farm.models.compact import CompactModel, CompactSpec, build_compact, load_compact, save_compact
 
 POPULATION_FILE = "population.json"
 POPULATION_FORMAT = "farm-simulated-population"

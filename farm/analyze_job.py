@@ -1,0 +1,242 @@
+"""Job-level analyses: every compact model of a compress job, analysed on Ray, logged to MLflow.
+
+    farm analyze --config configs/demo.yaml        # after `farm demo` or `farm compress`
+
+1. The job's FINISHED neuron runs (MLflow) -> their compact models (the logged ``model/`` artifacts).
+2. Maximizing natural images over the WHOLE image bank: Ray tasks over (groups of models) x (bank
+   chunks), partial top-k lists merged (``farm.farm.rank_bank_parallel``).
+3. Per model, one Ray task: ``run_all_analyses`` (maximizing/minimizing synthesized images,
+   adversarial, saliency, smooth-, dot tuning, filter ablation) on the model's top bank images plus a
+   random sample of the bank (the "normal" baseline); figures, .npz data and metrics.json go to the
+   neuron's child run under ``analysis/`` (metrics as ``analysis.<name>``), and under
+   ``<out_dir>/analysis/<neuron>/``.
+4. Across the job's models (driver): kernel similarity, CKA by layer, signal correlation, galleries
+   of each model's best synthesized and best natural image -> the job's parent run under
+   ``analysis/population/`` and ``<out_dir>/analysis/population/``.
+
+Re-running skips neurons already analysed (tag ``farm.analyzed``) unless ``force``; a neuron whose
+analysis fails is tagged ``farm.analysis_error`` and the others go on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from farm.config import JobConfig
+from farm.tracking import TAG_NEURON, Tracker
+
+log = logging.getLogger(__name__)
+
+TAG_ANALYZED = "farm.analyzed"
+TAG_ANALYSIS_ERROR = "farm.analysis_error"
+#: Metrics shown in the printed summary, when present.
+SUMMARY_KEYS = ("natural_top1", "synth_max_best", "synth_beats_natural_p99", "adversarial_plus_mean_change",
+                "adversarial_minus_mean_change", "dots_preferred_radius", "dsi_layer3_max")
+
+
+def write_analysis(res: dict, out: Path) -> Path:
+    """Write ``run_all_analyses``/``run_population_analyses`` output: one .npz per result, one PNG per
+    figure, metrics.json. Closes the figures."""
+    import matplotlib.pyplot as plt
+
+    from farm.analysis import save_figure, save_result_npz
+
+    out.mkdir(parents=True, exist_ok=True)
+    for name, result in res["results"].items():
+        if result is not None:
+            save_result_npz(result, out / f"{name}.npz")
+    for name, fig in res["figures"].items():
+        save_figure(fig, out / f"{name}.png")
+        plt.close(fig)
+    (out / "metrics.json").write_text(json.dumps(res["metrics"], indent=2, default=float))
+    return out
+
+
+def _safe(neuron_id: str) -> str:
+    return neuron_id.replace(":", "_").replace("/", "_")
+
+
+def _analyze_task(neuron_id: str, model_dir: str, top_images: np.ndarray, sample: np.ndarray, config: dict,
+                  tracker: Tracker, run_id: str, out_dir: str, device: str) -> dict:
+    """All per-neuron analyses of one model; logged to its run. Never raises for the model's own errors."""
+    import torch
+
+    from farm.analysis import AnalysisConfig, run_all_analyses
+    from farm.farm import resolve_device, task_threads
+    from farm.models.compact import load_compact
+
+    torch.set_num_threads(task_threads())
+    t0 = time.time()
+    try:
+        model = load_compact(model_dir)
+        images = np.concatenate([top_images, sample]) if len(top_images) else sample
+        res = run_all_analyses(model, images, AnalysisConfig.from_dict(config), output=0,
+                               device=resolve_device(device), title=neuron_id)
+        synth = res["results"].get("synth_max")
+        out = write_analysis(res, Path(out_dir) / _safe(neuron_id))
+        tracker.log_metrics(run_id, {f"analysis.{k}": v for k, v in res["metrics"].items()})
+        tracker.log_artifacts(run_id, out, "analysis")
+        tracker.client.set_tag(run_id, TAG_ANALYZED, "true")
+    except Exception as e:
+        err = f"{type(e).__name__}: {e}"
+        log.error("analysis of %s failed: %s\n%s", neuron_id, err, traceback.format_exc())
+        tracker.client.set_tag(run_id, TAG_ANALYSIS_ERROR, (err + "\n" + traceback.format_exc())[:4900])
+        return {"neuron_id": neuron_id, "status": "FAILED", "error": err}
+    return {"neuron_id": neuron_id, "status": "FINISHED", "metrics": res["metrics"], "synth_max": synth,
+            "seconds": time.time() - t0}
+
+
+@dataclass
+class AnalyzeJobResult:
+    job_id: str
+    parent_run_id: str
+    rows: list  # per analysed neuron: {"neuron_id", "status", "metrics"?, "error"?}
+    skipped: list  # neurons analysed in an earlier run
+    population_metrics: dict = field(default_factory=dict)
+    out_dir: str = ""
+
+    @property
+    def failed(self) -> list:
+        return [r for r in self.rows if r.get("status") == "FAILED"]
+
+
+def job_models(tracker: Tracker, job_id: str, dst: Path, neurons: Sequence[str] | None = None) -> list[tuple]:
+    """(neuron id, run, local model folder) for each FINISHED neuron run of the job ``job_id``,
+    models downloaded under ``dst`` (reused when already there)."""
+    parent = tracker.find_job(job_id)
+    if parent is None:
+        raise ValueError(f"no compress job {job_id!r} in experiment {tracker.experiment_name!r} of {tracker.uri}: "
+                         f"run `farm compress` (or `farm demo`) with this config first")
+    runs = [r for r in tracker.child_runs(parent, "neuron") if r.info.status == "FINISHED"]
+    if neurons is not None:
+        runs = [r for r in runs if r.data.tags.get(TAG_NEURON) in set(neurons)]
+    out = []
+    for run in sorted(runs, key=lambda r: _neuron_key(r.data.tags[TAG_NEURON])):
+        nid = run.data.tags[TAG_NEURON]
+        local = dst / _safe(nid)
+        if not (local / "model" / "spec.json").is_file():
+            tracker.download(run.info.run_id, "model", local)
+        out.append((nid, run, local / "model"))
+    return out
+
+
+def _neuron_key(nid: str):
+    s, _, i = nid.partition(":")
+    return (s, int(i) if i.isdigit() else i)
+
+
+def run_analyze_job(cfg: JobConfig, force: bool = False, progress: bool = True) -> AnalyzeJobResult:
+    """Analyse every compact model of the compress job ``cfg`` describes (see the module docstring)."""
+    import ray
+
+    from farm.analysis import AnalysisConfig, run_population_analyses
+    from farm.analysis.figures import gallery_figure
+    from farm.data.images import ImageBank
+    from farm.farm import gather, parse_neuron_selection, rank_bank_parallel
+    from farm.models.compact import load_compact
+    from farm.pipeline import _init_ray, _tracker
+
+    t0 = time.time()
+    acfg = AnalysisConfig.from_dict(cfg.analysis.config)  # fails early on a bad key
+    bank_dir = Path(cfg.bank.dir) if cfg.bank.dir else Path(cfg.out_dir) / "bank"
+    if not (bank_dir / "bank.json").is_file():
+        raise FileNotFoundError(f"analyze: no image bank at {bank_dir} (bank.json missing); the job's bank is "
+                                f"built by `farm compress` with the same config")
+    out_root = Path(cfg.out_dir) / "analysis"
+    tracker = _tracker(cfg)
+    job_id = cfg.resolved_job_id()
+    parent = tracker.find_job(job_id)
+    selection = None
+    if cfg.analysis.neurons:
+        finished = [r.data.tags[TAG_NEURON] for r in tracker.child_runs(parent, "neuron")] if parent else []
+        selection = parse_neuron_selection(cfg.analysis.neurons, finished)
+    models = job_models(tracker, job_id, out_root / "models", selection)
+    if not models:
+        raise ValueError(f"analyze: job {job_id} has no FINISHED neuron runs to analyse")
+    todo = [m for m in models if force or m[1].data.tags.get(TAG_ANALYZED) != "true"]
+    skipped = [m[0] for m in models if m not in todo]
+    log.info("analyze job %s: %d models, %d already analysed, %d to analyse", job_id, len(models),
+             len(skipped), len(todo))
+
+    bank = ImageBank(bank_dir)
+    rng = np.random.default_rng(cfg.seed)
+    n_sample = min(cfg.analysis.images, len(bank))
+    sample = bank.read(np.sort(rng.choice(len(bank), n_sample, replace=False)))
+    _init_ray(cfg, tracker)
+    rows = []
+    ranking = None
+    if todo or "gallery" in acfg.population:
+        # Top natural images of every model over the whole bank (also those analysed before: the
+        # population gallery shows them all).
+        ranking = rank_bank_parallel([str(m[2]) for m in models], str(bank_dir), top_k=cfg.analysis.top_k,
+                                     params={"top_k": cfg.analysis.top_k, "n_random": 0},
+                                     num_cpus=cfg.farm.num_cpus)
+    if todo:
+        remote = ray.remote(_analyze_task).options(num_cpus=cfg.farm.num_cpus, num_gpus=cfg.farm.num_gpus,
+                                                   max_retries=cfg.farm.max_retries, retry_exceptions=False,
+                                                   name="analyze_model")
+        sample_ref = ray.put(sample)
+        col = {str(m[2]): i for i, m in enumerate(models)}
+        pending = {remote.remote(nid, str(mdir), ranking.top_images[col[str(mdir)]], sample_ref,
+                                 cfg.analysis.config, tracker, run.info.run_id, str(out_root), cfg.farm.device): nid
+                   for nid, run, mdir in todo}
+        rows = gather(pending, "analyses", "model", progress)
+
+    # Across models, on the driver: every finished model of the job, analysed now or before.
+    population_metrics = {}
+    loaded = [load_compact(m[2]) for m in models]
+    labels = [m[0] for m in models]
+    synth = {r["neuron_id"]: r["synth_max"] for r in rows if r.get("synth_max") is not None}
+    missing = [i for i, nid in enumerate(labels) if nid not in synth]
+    if missing and "gallery" in acfg.population and "synth" in acfg.analyses:
+        from dataclasses import replace
+
+        from farm.analysis import synthesize
+
+        for i in missing:  # analysed in an earlier run: redo only the (cheap) best synthesized image
+            synth[labels[i]] = synthesize(loaded[i], replace(acfg.synth, direction="max"))
+    synth_results = [synth[nid] for nid in labels] if len(synth) == len(labels) else None
+    pop = run_population_analyses(loaded, sample, acfg, synth_results=synth_results, labels=labels)
+    if ranking is not None and ranking.top_images is not None:
+        pop["figures"]["gallery_natural"] = gallery_figure(
+            ranking.top_images[:, 0], ranking.top_responses[:, 0], labels=labels, ncols=8,
+            title="maximizing natural images (whole bank)")
+        pop["results"]["natural_bank"] = ranking
+    pop_dir = write_analysis(pop, out_root / "population")
+    population_metrics = pop["metrics"]
+    tracker.log_metrics(parent, {f"analysis.{k}": v for k, v in population_metrics.items()})
+    tracker.log_metrics(parent, {"analysis.models": len(models), "analysis.seconds": time.time() - t0})
+    tracker.log_artifacts(parent, pop_dir, "analysis/population")
+    result = AnalyzeJobResult(job_id, parent, sorted(rows, key=lambda r: _neuron_key(r["neuron_id"])), skipped,
+                              population_metrics, str(out_root))
+    (out_root / "summary.json").write_text(json.dumps(
+        {"job_id": job_id, "parent_run_id": parent, "skipped": skipped, "population": population_metrics,
+         "neurons": [{k: v for k, v in r.items() if k != "synth_max"} for r in result.rows]},
+        indent=2, default=float))
+    if progress:
+        print_analysis_summary(result)
+    return result
+
+
+def print_analysis_summary(result: AnalyzeJobResult) -> None:
+    print(f"\nanalyses of job {result.job_id} -> {result.out_dir}")
+    keys = [k for k in SUMMARY_KEYS if any(k in r.get("metrics", {}) for r in result.rows)]
+    head = f"{'neuron':<12} {'status':<9}" + "".join(f" {k:>24}" for k in keys)
+    print(head + "\n" + "-" * len(head))
+    for r in result.rows:
+        m = r.get("metrics", {})
+        line = f"{r['neuron_id']:<12} {r['status']:<9}" + "".join(
+            f" {m[k]:>24.4g}" if k in m else f" {'-':>24}" for k in keys)
+        print(line + (f"  {r['error']}" if r.get("error") else ""))
+    if result.skipped:
+        print(f"already analysed (use --force to redo): {', '.join(result.skipped)}")
+    for k, v in sorted(result.population_metrics.items()):
+        print(f"  {k}: {v:.4g}")
