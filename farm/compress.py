@@ -27,6 +27,7 @@ import os
 import shutil
 import tempfile
 import time
+import zlib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable
@@ -84,8 +85,8 @@ class CompressConfig:
     iterative_retrain_images: with ``prune.iterative``, images seen by the short retrain after each
         layer (the paper's unimplemented header comment speaks of 2 k images).
     seed: the ONE seed of a compression: the student's initialization and the batch orders of
-        distill, retrain and iterative retrains derive from it (the ``seed`` fields inside
-        ``distill`` and ``retrain`` are replaced by derived seeds).
+        distill, retrain and iterative retrains derive from it and the neuron id (the ``seed`` fields
+        inside ``distill`` and ``retrain`` are replaced by derived seeds).
     eval_batch_size: batch size of evaluation forwards.
     """
 
@@ -136,9 +137,14 @@ class CompressConfig:
             raise ValueError(f"unknown CompressConfig fields: {sorted(unknown)}")
         return cls(**d)
 
-    def seeds(self) -> dict[str, int]:
-        """The derived seeds: init, distill, retrain, iterative."""
-        states = np.random.SeedSequence(int(self.seed)).generate_state(4)
+    def seeds(self, neuron_id: str | None = None) -> dict[str, int]:
+        """The derived seeds: init, distill, retrain, iterative. With ``neuron_id``, they derive from
+        (seed, neuron id): every neuron of a job gets its own initialization and batch orders (one
+        shared init would make all of a job's compact models start, and often end, alike)."""
+        entropy = [int(self.seed)]
+        if neuron_id is not None:
+            entropy.append(zlib.crc32(str(neuron_id).encode()))
+        states = np.random.SeedSequence(entropy).generate_state(4)
         return dict(zip(("init", "distill", "retrain", "iterative"), (int(s) for s in states)))
 
 
@@ -306,7 +312,7 @@ def _distill_run(neuron_id: str, images, targets, config: CompressConfig, device
     size = config.image_size or images.shape[1]
     if images.shape[1] != size:
         raise ValueError(f"compress: images are {images.shape[1]} px but CompressConfig.image_size is {size}")
-    seeds = config.seeds()
+    seeds = config.seeds(neuron_id)
     spec = CompactSpec(filters=config.student_filters, image_size=size, readout="dense",
                        output_units=config.output_units, neuron_ids=(str(neuron_id),))
     student = build_compact(spec, seed=seeds["init"])
@@ -350,7 +356,7 @@ def prune_and_retrain(distilled: CompactModel, neuron_id: str, images: np.ndarra
                          f"images, got {images.shape[1]} px")
     if real is not None and not isinstance(real, RealData):
         raise TypeError(f"compress: real must be a RealData, got {type(real).__name__}")
-    seeds = config.seeds()
+    seeds = config.seeds(neuron_id)
     ebs = config.eval_batch_size
     timings = {"distill_s": float(distill_seconds)}
 

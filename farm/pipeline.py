@@ -301,6 +301,9 @@ def run_sweep_job(cfg: JobConfig, progress: bool = True, prepared: PreparedJob |
                 mark = ("*" if i == r.chosen else " ") + ("P" if i in r.front else " ")
                 print(f"    {mark} {t['criterion']:<14} tau={t['tau']:.2f} params={t['param_count']:>7} "
                       f"R²={t['r2_teacher_heldout']:.3f}")
+            if r.trials and r.chosen is None:
+                print(f"    (no trial reached {1 - cfg.sweep.eps:.2f} x the distilled R²: none chosen; try higher "
+                      f"taus or a larger sweep.eps)")
     return results
 
 
