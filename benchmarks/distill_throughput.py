@@ -122,8 +122,8 @@ NOTE = ("Train step of `farm.distill.distill` (batch indexing, recentering, forw
         "smoothing and BN recalibration off), random uint8 images, after a 2-step warm-up. One neuron per "
         "network unless packed (`distill_many`: several neurons as one network of grouped convs). Paper "
         "scale is 2 x 12 M images per neuron (method.md §4): a GPU job; CPU runs need small students. "
-        "Produced by `benchmarks/distill_throughput.py`. The machine is shared with other jobs: the load "
-        "average says how busy it was (2 torch threads on 2 busy cores lose to 1).")
+        "Produced by `benchmarks/distill_throughput.py`. The load average says how busy the machine was "
+        "(2 torch threads on 2 busy cores lose to 1).")
 
 
 def main(argv=None) -> None:

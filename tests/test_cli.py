@@ -33,6 +33,15 @@ def test_bad_input_exits_2_with_a_message(tmp_path, capsys):
     assert "nowhere" in capsys.readouterr().err
 
 
+def test_analyze_needs_a_model_and_out_or_a_job_config(tmp_path, capsys):
+    assert main(["analyze"]) == 2
+    assert "--config JOB_CONFIG" in capsys.readouterr().err
+    assert main(["analyze", str(tmp_path / "m")]) == 2  # no --out
+    # a job config whose bank was never built: the error names the missing bank folder
+    assert main(["analyze", "--config", "demo", f"out_dir={tmp_path / 'job'}"]) == 2
+    assert str(tmp_path / "job" / "bank") in capsys.readouterr().err
+
+
 def test_ui_prints_a_loopback_command(tmp_path, capsys):
     assert main(["ui", "--uri", f"sqlite:///{tmp_path}/mlflow.db"]) == 0
     assert "--host 127.0.0.1" in capsys.readouterr().out

@@ -112,6 +112,10 @@ def test_compress_neuron_is_deterministic_for_a_seed(sim):
     same = distill_neuron("sim0:3", sim["train_images"], sim["train_rates"][:, 3],
                           tiny_config(seed=5, distill_steps=40))
     assert not torch.equal(other.readout.weight, same.readout.weight)
+    # Each neuron of a job has its own initialization under the job's one seed.
+    neighbour = distill_neuron("sim0:4", sim["train_images"], sim["train_rates"][:, 3],
+                               tiny_config(seed=5, distill_steps=40))
+    assert not torch.equal(neighbour.readout.weight, same.readout.weight)
 
 
 def test_higher_tau_never_keeps_fewer_filters(sim):
