@@ -37,9 +37,11 @@ log = logging.getLogger(__name__)
 
 TAG_ANALYZED = "farm.analyzed"
 TAG_ANALYSIS_ERROR = "farm.analysis_error"
-#: Metrics shown in the printed summary, when present.
-SUMMARY_KEYS = ("natural_top1", "synth_max_best", "synth_beats_natural_p99", "adversarial_plus_mean_change",
-                "adversarial_minus_mean_change", "dots_preferred_radius", "dsi_layer3_max")
+#: Metrics shown in the printed summary (metric, column title), when present.
+SUMMARY_COLUMNS = (("natural_top1", "top natural"), ("synth_max_best", "best synth"),
+                   ("synth_beats_natural_p99", "synth>p99"), ("adversarial_plus_mean_change", "adv+ change"),
+                   ("adversarial_minus_mean_change", "adv- change"), ("dots_preferred_radius", "dot radius"),
+                   ("dsi_layer3_max", "max DSI L3"))
 
 
 def write_analysis(res: dict, out: Path) -> Path:
@@ -227,16 +229,19 @@ def run_analyze_job(cfg: JobConfig, force: bool = False, progress: bool = True) 
 
 
 def print_analysis_summary(result: AnalyzeJobResult) -> None:
-    print(f"\nanalyses of job {result.job_id} -> {result.out_dir}")
-    keys = [k for k in SUMMARY_KEYS if any(k in r.get("metrics", {}) for r in result.rows)]
-    head = f"{'neuron':<12} {'status':<9}" + "".join(f" {k:>24}" for k in keys)
+    print(f"\nanalyses of job {result.job_id} -> {result.out_dir} (and the job's MLflow runs)")
+    cols = [(k, t) for k, t in SUMMARY_COLUMNS if any(k in r.get("metrics", {}) for r in result.rows)]
+    head = f"{'neuron':<12} {'status':<9}" + "".join(f" {t:>11}" for _, t in cols)
     print(head + "\n" + "-" * len(head))
     for r in result.rows:
         m = r.get("metrics", {})
         line = f"{r['neuron_id']:<12} {r['status']:<9}" + "".join(
-            f" {m[k]:>24.4g}" if k in m else f" {'-':>24}" for k in keys)
+            f" {m[k]:>11.4g}" if k in m else f" {'-':>11}" for k, _ in cols)
         print(line + (f"  {r['error']}" if r.get("error") else ""))
+    if cols:
+        print("(responses in the model's output units; synth>p99: fraction of synthesized images above the "
+              "natural images' 99th percentile; DSI: dot-size invariance after ablating one filter)")
     if result.skipped:
         print(f"already analysed (use --force to redo): {', '.join(result.skipped)}")
-    for k, v in sorted(result.population_metrics.items()):
-        print(f"  {k}: {v:.4g}")
+    if result.population_metrics:
+        print("across models: " + ", ".join(f"{k} {v:.3g}" for k, v in sorted(result.population_metrics.items())))
