@@ -1,4 +1,8 @@
-"""Ray Jobs entry point: `python jobs/analyze.py MODEL_DIR --out DIR`. A thin wrapper over `farm analyze`."""
+"""Ray Jobs entry point, a thin wrapper over `farm analyze`:
+
+    python jobs/analyze.py --config configs/demo.yaml [key=value ...]   # every model of a compress job
+    python jobs/analyze.py MODEL_DIR --out DIR                          # one compact model
+"""
 
 import sys
 
