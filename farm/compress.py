@@ -35,7 +35,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from farm.distill import DistillConfig, DistillResult, distill, predict, squared_pearson
+from farm.distill import DistillConfig, DistillResult, distill, distill_many, predict, squared_pearson
 from farm.models.compact import CompactModel, CompactSpec, build_compact, load_compact, save_compact
 from farm.prune import PruneConfig, prune
 
@@ -286,7 +286,7 @@ def _check_images(images, what: str) -> np.ndarray:
     return a
 
 
-def _check_inputs(images, targets, heldout_images, heldout_targets):
+def check_inputs(images, targets, heldout_images, heldout_targets):
     """Validate the four arrays up front (before hours of training) and return them as arrays."""
     images = _check_images(images, "compress: images")
     heldout_images = _check_images(heldout_images, "compress: heldout_images")
@@ -306,16 +306,21 @@ def _check_inputs(images, targets, heldout_images, heldout_targets):
     return images, out[0], heldout_images, out[1]
 
 
-def _distill_run(neuron_id: str, images, targets, config: CompressConfig, device, progress,
-                 heldout_images=None, heldout_targets=None) -> DistillResult:
-    images = _check_images(images, "compress: images")
+def _student(neuron_id: str, images: np.ndarray, config: CompressConfig) -> CompactModel:
+    """A fresh ``config.student_filters`` student for ``neuron_id``, initialized from its own seed."""
     size = config.image_size or images.shape[1]
     if images.shape[1] != size:
         raise ValueError(f"compress: images are {images.shape[1]} px but CompressConfig.image_size is {size}")
-    seeds = config.seeds(neuron_id)
     spec = CompactSpec(filters=config.student_filters, image_size=size, readout="dense",
                        output_units=config.output_units, neuron_ids=(str(neuron_id),))
-    student = build_compact(spec, seed=seeds["init"])
+    return build_compact(spec, seed=config.seeds(neuron_id)["init"])
+
+
+def _distill_run(neuron_id: str, images, targets, config: CompressConfig, device, progress,
+                 heldout_images=None, heldout_targets=None) -> DistillResult:
+    images = _check_images(images, "compress: images")
+    student = _student(neuron_id, images, config)
+    seeds = config.seeds(neuron_id)
     return distill(student, images, targets, replace(config.distill, seed=seeds["distill"]), device=device,
                    callback=_stage(progress, "distill"), eval_images=heldout_images,
                    eval_targets=heldout_targets)
@@ -349,7 +354,7 @@ def prune_and_retrain(distilled: CompactModel, neuron_id: str, images: np.ndarra
         torch.set_num_threads(int(threads))
     if not isinstance(distilled, CompactModel) or distilled.spec.readout != "dense":
         raise ValueError("prune_and_retrain: distilled must be a single-output (dense readout) CompactModel")
-    images, targets, heldout_images, heldout_targets = _check_inputs(images, targets, heldout_images,
+    images, targets, heldout_images, heldout_targets = check_inputs(images, targets, heldout_images,
                                                                      heldout_targets)
     if distilled.spec.image_size != images.shape[1]:
         raise ValueError(f"prune_and_retrain: the distilled model takes {distilled.spec.image_size} px "
@@ -411,6 +416,70 @@ def prune_and_retrain(distilled: CompactModel, neuron_id: str, images: np.ndarra
     return result
 
 
+def _neuron_history(history: list[dict], j: int) -> list[dict]:
+    """Neuron ``j``'s view of a packed run's history (its own loss and held-out R²)."""
+    out = []
+    for h in history:
+        e = {k: v for k, v in h.items() if k != "losses"}
+        if "losses" in h:
+            e["loss"] = h["losses"][j]
+        if isinstance(h.get("eval_r2"), list):
+            e["eval_r2"] = h["eval_r2"][j]
+        out.append(e)
+    return out
+
+
+def compress_neurons(neuron_ids, images: np.ndarray, targets: np.ndarray, heldout_images: np.ndarray,
+                     heldout_targets: np.ndarray, config: CompressConfig | None = None,
+                     real=None, device: str | torch.device = "cpu", threads: int | None = None,
+                     progress: Progress | None = None) -> list[CompressionResult]:
+    """``compress_neuron`` for several neurons with ONE packed distillation (``distill_many``: the
+    students, one network of grouped convolutions, see the same batches), then pruning, retraining
+    and evaluation per neuron. Several small students per call use a CPU core or a GPU better than
+    one (benchmarks/README.md "Distillation throughput").
+
+    targets: float (N, n), column j = neuron_ids[j]; heldout_targets (M, n). real: None or one
+    RealData (or None) per neuron. Each student starts from its own seed (``config.seeds(neuron
+    id)``); the shared batch order comes from the first neuron's seeds, so a neuron's model depends
+    on the group it was packed with (deterministic for the same group and seed). One neuron =
+    ``compress_neuron``.
+    """
+    config = config or CompressConfig()
+    ids = [str(n) for n in neuron_ids]
+    if not ids:
+        raise ValueError("compress_neurons: no neuron ids")
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"compress_neurons: duplicate neuron ids in {ids}")
+    reals = list(real) if real is not None else [None] * len(ids)
+    if len(reals) != len(ids):
+        raise ValueError(f"compress_neurons: real must have one entry per neuron ({len(ids)}), got {len(reals)}")
+    tg = np.asarray(targets, dtype=np.float32)
+    htg = np.asarray(heldout_targets, dtype=np.float32)
+    for name, t, n in (("targets", tg, len(images)), ("heldout_targets", htg, len(heldout_images))):
+        if t.shape != (n, len(ids)):
+            raise ValueError(f"compress_neurons: {name} must be (images, neurons) = ({n}, {len(ids)}), "
+                             f"got shape {t.shape}")
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    if len(ids) == 1:
+        return [compress_neuron(ids[0], images, tg[:, 0], heldout_images, htg[:, 0], config, reals[0], device,
+                                progress=progress)]
+    for j in range(len(ids)):  # every column checked up front, before any training
+        images, _, heldout_images, _ = check_inputs(images, tg[:, j], heldout_images, htg[:, j])
+    for r in reals:
+        if r is not None and not isinstance(r, RealData):
+            raise TypeError(f"compress: real must be a RealData, got {type(r).__name__}")
+    students = [_student(nid, images, config) for nid in ids]
+    run = distill_many(students, images, tg, replace(config.distill, seed=config.seeds(ids[0])["distill"]),
+                       device=device, callback=_stage(progress, "distill"), eval_images=heldout_images,
+                       eval_targets=htg)
+    return [prune_and_retrain(run.models[j], nid, images, tg[:, j], heldout_images, htg[:, j], config,
+                              real=reals[j], device=device, progress=progress,
+                              distill_seconds=run.seconds / len(ids),
+                              distill_history=_neuron_history(run.history, j))
+            for j, nid in enumerate(ids)]
+
+
 def compress_neuron(neuron_id: str, images: np.ndarray, targets: np.ndarray, heldout_images: np.ndarray,
                     heldout_targets: np.ndarray, config: CompressConfig | None = None,
                     real: RealData | None = None, device: str | torch.device = "cpu",
@@ -435,7 +504,7 @@ def compress_neuron(neuron_id: str, images: np.ndarray, targets: np.ndarray, hel
     config = config or CompressConfig()
     if threads is not None:
         torch.set_num_threads(int(threads))
-    images, targets, heldout_images, heldout_targets = _check_inputs(images, targets, heldout_images,
+    images, targets, heldout_images, heldout_targets = check_inputs(images, targets, heldout_images,
                                                                      heldout_targets)
     if real is not None and not isinstance(real, RealData):
         raise TypeError(f"compress: real must be a RealData, got {type(real).__name__}")

@@ -71,9 +71,14 @@ class BankSpec:
 
 @dataclass
 class FarmResources:
-    """Ray resources per neuron task and where Ray runs (``address`` None: local / RAY_ADDRESS)."""
+    """Ray resources per neuron task and where Ray runs (``address`` None: local / RAY_ADDRESS).
+
+    pack: neurons per task, distilled together as one packed network (``compress_neurons``): fewer,
+    fuller tasks (a GPU, or small students on a CPU core). 1 = one neuron per task.
+    """
 
     num_cpus: float = 1
+    pack: int = 1
     num_gpus: float = 0
     max_retries: int = 3
     device: str = "auto"

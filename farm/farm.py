@@ -209,52 +209,96 @@ def log_result(tracker: Tracker, parent_run_id: str, result, params: dict, metri
     return rid
 
 
+def _real_data(inputs: NeuronInputs, neuron_id: str):
+    """The neuron's recorded responses (RealData) when its session is in ``inputs.real``, else None."""
+    from farm.compress import RealData
+
+    rd = (inputs.real or {}).get(neuron_id.split(":", 1)[0])
+    if rd is None or neuron_id not in rd["neuron_ids"]:
+        return None
+    row = list(rd["neuron_ids"]).index(neuron_id)
+    return RealData(images=rd["images"], responses=rd["responses"][row], has_repeats=bool(rd["has_repeats"]))
+
+
+def _log_compressed(neuron_id: str, result, inputs: NeuronInputs, params: dict, tracker: Tracker,
+                    parent_run_id: str, register: bool, t0: float) -> dict:
+    """Score a CompressionResult against the ground truth (simulated data) and log its child run."""
+    from farm.metrics import r2_raw
+
+    gt_r2 = None
+    if inputs.ground_truth_heldout is not None:
+        from farm.models.base import CompactTeacher
+
+        col = inputs.neuron_ids.index(neuron_id)
+        pred = CompactTeacher([result.model()], neuron_ids=[neuron_id]).predict(inputs.heldout_images)
+        gt_r2 = float(r2_raw(inputs.ground_truth_heldout[:, col][None], pred[:, 0][None])[0])
+    metrics = result_metrics(result, gt_r2)
+    rid = log_result(tracker, parent_run_id, result, params, metrics, register=register)
+    return {"neuron_id": neuron_id, "status": "FINISHED", "run_id": rid, "seconds": time.time() - t0, **metrics}
+
+
+def _failed(neuron_id: str, e: BaseException, tracker: Tracker, parent_run_id: str, params: dict) -> dict:
+    err = f"{type(e).__name__}: {e}"
+    log.error("neuron %s failed: %s\n%s", neuron_id, err, traceback.format_exc())
+    tracker.log_failed_child(parent_run_id, neuron_id, err + "\n" + traceback.format_exc(), params)
+    return {"neuron_id": neuron_id, "status": "FAILED", "error": err}
+
+
 def compress_and_log(neuron_id: str, inputs: NeuronInputs, compress_cfg: dict, seed: int,
                      tracker: Tracker, parent_run_id: str, device: str = "auto",
                      register: bool = False) -> dict:
     """Compress one neuron and log its child run. Never raises for the neuron's own errors: they
     end in a FAILED run and a ``{"status": "FAILED"}`` summary (system failures still propagate)."""
+    return compress_group_and_log([neuron_id], inputs, compress_cfg, seed, tracker, parent_run_id, device,
+                                  register)[0]
+
+
+def compress_group_and_log(neuron_ids: Sequence[str], inputs: NeuronInputs, compress_cfg: dict, seed: int,
+                           tracker: Tracker, parent_run_id: str, device: str = "auto",
+                           register: bool = False) -> list[dict]:
+    """Compress several neurons in one task (one packed distillation, ``farm.compress.compress_neurons``)
+    and log a child run each; one row per neuron. A neuron already FINISHED (a retried task that had
+    logged it) is SKIPPED; an error fails the neurons it concerns (all of them in distillation, one in
+    its own pruning or logging), never the task."""
     import torch
 
-    from farm.compress import CompressConfig, RealData, compress_neuron
-    from farm.metrics import r2_raw
+    from farm.compress import CompressConfig, check_inputs, compress_neurons
 
     threads = task_threads()
     torch.set_num_threads(threads)  # workers are reused: fix the pool size per task (ecosystem §5a)
-    params = neuron_params(neuron_id, compress_cfg, seed)
-    # A retried task (worker killed after logging) must not log the neuron twice.
-    if neuron_id in tracker.finished_neurons(parent_run_id, neuron_id=neuron_id):
-        return {"neuron_id": neuron_id, "status": "SKIPPED"}
+    params = {n: neuron_params(n, compress_cfg, seed) for n in neuron_ids}
+    rows = {}
+    for n in neuron_ids:  # a retried task (worker killed after logging) must not log a neuron twice
+        if n in tracker.finished_neurons(parent_run_id, neuron_id=n):
+            rows[n] = {"neuron_id": n, "status": "SKIPPED"}
+    for n in neuron_ids:  # bad input fails its own neuron, not the others packed with it
+        if n not in rows:
+            try:
+                col = inputs.neuron_ids.index(n)
+                check_inputs(inputs.bank_images, inputs.bank_targets[:, col], inputs.heldout_images,
+                             inputs.heldout_targets[:, col])
+            except Exception as e:
+                rows[n] = _failed(n, e, tracker, parent_run_id, params[n])
+    todo = [n for n in neuron_ids if n not in rows]
     t0 = time.time()
-    try:
-        col = inputs.neuron_ids.index(neuron_id)
-        cfg = CompressConfig.from_dict({**compress_cfg, "seed": seed})
-        real = None
-        session = neuron_id.split(":", 1)[0]
-        rd = (inputs.real or {}).get(session)
-        if rd is not None and neuron_id in rd["neuron_ids"]:
-            row = list(rd["neuron_ids"]).index(neuron_id)
-            real = RealData(images=rd["images"], responses=rd["responses"][row],
-                            has_repeats=bool(rd["has_repeats"]))
-        result = compress_neuron(
-            neuron_id, inputs.bank_images, inputs.bank_targets[:, col], inputs.heldout_images,
-            inputs.heldout_targets[:, col], cfg, real=real, device=resolve_device(device),
-            threads=threads)
-        gt_r2 = None
-        if inputs.ground_truth_heldout is not None:
-            from farm.models.base import CompactTeacher
-
-            pred = CompactTeacher([result.model()], neuron_ids=[neuron_id]).predict(inputs.heldout_images)
-            gt_r2 = float(r2_raw(inputs.ground_truth_heldout[:, col][None], pred[:, 0][None])[0])
-        metrics = result_metrics(result, gt_r2)
-        rid = log_result(tracker, parent_run_id, result, params, metrics, register=register)
-    except Exception as e:  # the neuron failed; the job goes on
-        err = f"{type(e).__name__}: {e}"
-        log.error("neuron %s failed: %s\n%s", neuron_id, err, traceback.format_exc())
-        tracker.log_failed_child(parent_run_id, neuron_id, err + "\n" + traceback.format_exc(), params)
-        return {"neuron_id": neuron_id, "status": "FAILED", "error": err}
-    return {"neuron_id": neuron_id, "status": "FINISHED", "run_id": rid, "seconds": time.time() - t0,
-            **metrics}
+    results = []
+    if todo:
+        try:
+            cols = [inputs.neuron_ids.index(n) for n in todo]
+            cfg = CompressConfig.from_dict({**compress_cfg, "seed": seed})
+            results = compress_neurons(todo, inputs.bank_images, inputs.bank_targets[:, cols],
+                                       inputs.heldout_images, inputs.heldout_targets[:, cols], cfg,
+                                       real=[_real_data(inputs, n) for n in todo], device=resolve_device(device),
+                                       threads=threads)
+        except Exception as e:  # the neurons failed; the job goes on
+            for n in todo:
+                rows[n] = _failed(n, e, tracker, parent_run_id, params[n])
+    for n, result in zip(todo, results):
+        try:
+            rows[n] = _log_compressed(n, result, inputs, params[n], tracker, parent_run_id, register, t0)
+        except Exception as e:
+            rows[n] = _failed(n, e, tracker, parent_run_id, params[n])
+    return [rows[n] for n in neuron_ids]
 
 
 # -- the job ----------------------------------------------------------------------------------------
@@ -273,8 +317,10 @@ class JobResult:
 def run_neurons(neurons: Sequence[str], inputs: NeuronInputs, compress_cfg: dict, seed: int,
                 tracker: Tracker, parent_run_id: str, num_cpus: float = 1, num_gpus: float = 0,
                 max_retries: int = 3, device: str = "auto", register: bool = False,
-                progress: bool = True, on_result: Callable[[dict], None] | None = None) -> list[dict]:
-    """One Ray task per neuron over shared inputs; results handled as they finish."""
+                progress: bool = True, on_result: Callable[[dict], None] | None = None,
+                pack: int = 1) -> list[dict]:
+    """One Ray task per neuron (per ``pack`` neurons: one packed distillation each) over shared
+    inputs; results handled as they finish."""
     import ray
 
     remote = ray.remote(_neuron_task).options(
@@ -285,8 +331,12 @@ def run_neurons(neurons: Sequence[str], inputs: NeuronInputs, compress_cfg: dict
     refs = [ray.put(a) for a in (inputs.bank_images, inputs.bank_targets, inputs.heldout_images,
                                  inputs.heldout_targets, inputs.real or {}, inputs.ground_truth_heldout)]
     ids = list(inputs.neuron_ids)
-    pending = {remote.remote(n, ids, *refs, compress_cfg, seed, tracker, parent_run_id, device, register): n
-               for n in neurons}
+    if int(pack) < 1:
+        raise ValueError(f"farm.pack must be >= 1 (neurons per task), got {pack}")
+    neurons = list(neurons)
+    groups = [neurons[i:i + int(pack)] for i in range(0, len(neurons), int(pack))]
+    pending = {remote.remote(g, ids, *refs, compress_cfg, seed, tracker, parent_run_id, device, register): g
+               for g in groups}
     def lost(nid, err):  # retries exhausted (e.g. the worker died every time)
         tracker.log_failed_child(parent_run_id, nid, err, neuron_params(nid, compress_cfg, seed))
 
@@ -296,41 +346,48 @@ def run_neurons(neurons: Sequence[str], inputs: NeuronInputs, compress_cfg: dict
 def gather(pending: dict, desc: str, unit: str, progress: bool = True,
            on_lost: Callable[[str, str], None] | None = None,
            on_result: Callable[[dict], None] | None = None) -> list[dict]:
-    """Results of Ray tasks ``{ref: neuron id}`` as they finish (``ray.wait``), with a tqdm bar.
+    """Results of Ray tasks ``{ref: neuron id}`` (or ``{ref: [neuron ids]}`` for tasks returning one
+    row per neuron of a group) as they finish (``ray.wait``), with a tqdm bar over neurons.
 
-    Each task returns a row dict with "neuron_id" and "status". A task that raised (its retries
-    exhausted) becomes ``{"status": "FAILED", "error": ...}`` after ``on_lost(neuron_id, error)``."""
+    A row is a dict with "neuron_id" and "status". A task that raised (its retries exhausted) gives
+    ``{"status": "FAILED", "error": ...}`` for each of its neurons, after ``on_lost(neuron_id, error)``."""
     import ray
     from tqdm import tqdm
 
     pending = dict(pending)
     rows = []
-    bar = tqdm(total=len(pending), desc=desc, unit=unit, disable=not progress, dynamic_ncols=True)
+    total = sum(len(v) if isinstance(v, list) else 1 for v in pending.values())
+    bar = tqdm(total=total, desc=desc, unit=unit, disable=not progress, dynamic_ncols=True)
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
         for ref in done:
-            nid = pending.pop(ref)
+            key = pending.pop(ref)
+            group = key if isinstance(key, list) else [key]
             try:
-                row = ray.get(ref)
+                got = ray.get(ref)
+                got = got if isinstance(key, list) else [got]
             except Exception as e:
                 err = f"{type(e).__name__}: {e}"
-                if on_lost:
-                    on_lost(nid, err)
-                row = {"neuron_id": nid, "status": "FAILED", "error": err}
-            rows.append(row)
-            if on_result:
-                on_result(row)
-            bar.set_postfix_str(f"{nid} {row['status']}")
-            bar.update(1)
+                got = []
+                for nid in group:
+                    if on_lost:
+                        on_lost(nid, err)
+                    got.append({"neuron_id": nid, "status": "FAILED", "error": err})
+            for row in got:
+                rows.append(row)
+                if on_result:
+                    on_result(row)
+                bar.set_postfix_str(f"{row['neuron_id']} {row['status']}")
+                bar.update(1)
     bar.close()
     return rows
 
 
-def _neuron_task(neuron_id, neuron_ids, bank_images, bank_targets, heldout_images, heldout_targets,
+def _neuron_task(group, neuron_ids, bank_images, bank_targets, heldout_images, heldout_targets,
                  real, ground_truth_heldout, compress_cfg, seed, tracker, parent_run_id, device, register):
     inputs = NeuronInputs(neuron_ids, bank_images, bank_targets, heldout_images, heldout_targets,
                           real, ground_truth_heldout)
-    return compress_and_log(neuron_id, inputs, compress_cfg, seed, tracker, parent_run_id, device, register)
+    return compress_group_and_log(group, inputs, compress_cfg, seed, tracker, parent_run_id, device, register)
 
 
 # -- analysis at scale: maximizing natural images over a bank ----------------------------------------

@@ -245,7 +245,8 @@ def run_compress_job(cfg: JobConfig, progress: bool = True, prepared: PreparedJo
     rows = run_neurons(todo, prepared.inputs, cfg.compress, cfg.seed, tracker, parent,
                        num_cpus=cfg.farm.num_cpus, num_gpus=cfg.farm.num_gpus,
                        max_retries=cfg.farm.max_retries, device=cfg.farm.device,
-                       register=cfg.tracking.register_models, progress=progress) if todo else []
+                       register=cfg.tracking.register_models, progress=progress,
+                       pack=cfg.farm.pack) if todo else []
     # Job-level figures over every finished neuron (this run's and earlier runs').
     finished = [r for r in tracker.child_runs(parent, "neuron") if r.info.status == "FINISHED"]
     summary = [_row_from_run(r, prepared) for r in finished]

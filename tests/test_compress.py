@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from farm.compress import (CompressConfig, CompressionResult, RealData, compress_neuron, distill_neuron,
+from farm.compress import (CompressConfig, CompressionResult, RealData, compress_neuron, compress_neurons,
+                           distill_neuron,
                            prune_and_retrain)
 from farm.data.images import natural_like
 from farm.data.simulate import SimulationConfig, simulate_population
@@ -118,6 +119,35 @@ def test_compress_neuron_is_deterministic_for_a_seed(sim):
     assert not torch.equal(neighbour.readout.weight, same.readout.weight)
 
 
+def test_compress_neurons_packs_the_distillation_and_matches_one_at_a_time(sim):
+    """compress_neurons distills 2 neurons as one packed network: the first neuron's distilled model is
+    the one compress_neuron trains alone (same init and batch order, up to float rounding); the second
+    starts from its own init; pruning, retraining and scores are per neuron."""
+    cfg = tiny_config(seed=3, distill_steps=60, retrain_steps=20)
+    ids = [sim["pop"].neuron_ids[i] for i in (0, 1)]
+    packed = compress_neurons(ids, sim["train_images"], sim["train_rates"][:, :2], sim["held_images"],
+                              sim["held_rates"][:, :2], cfg)
+    alone = compress(sim, 0, cfg)
+    assert [r.neuron_id for r in packed] == ids
+    assert packed[0].r2_teacher_distilled == pytest.approx(alone.r2_teacher_distilled, abs=2e-3)
+    for j, r in enumerate(packed):
+        model = r.model()
+        assert model.spec.neuron_ids == (ids[j],)
+        assert squared_pearson(sim["held_rates"][:, j], predict(model, sim["held_images"])) == pytest.approx(
+            r.r2_teacher_heldout, rel=1e-4, abs=1e-6)
+        assert all(np.isscalar(h["loss"]) for h in r.distill_history)  # this neuron's own loss
+    one = compress_neurons(ids[:1], sim["train_images"], sim["train_rates"][:, :1], sim["held_images"],
+                           sim["held_rates"][:, :1], cfg)[0]
+    for k, v in alone.state_dict.items():
+        assert torch.equal(v, one.state_dict[k]), k
+    with pytest.raises(ValueError, match=r"\(images, neurons\)"):
+        compress_neurons(ids, sim["train_images"], sim["train_rates"][:, 0], sim["held_images"],
+                         sim["held_rates"][:, :2], cfg)
+    with pytest.raises(ValueError, match="duplicate"):
+        compress_neurons([ids[0], ids[0]], sim["train_images"], sim["train_rates"][:, :2], sim["held_images"],
+                         sim["held_rates"][:, :2], cfg)
+
+
 def test_higher_tau_never_keeps_fewer_filters(sim):
     """One distilled model pruned at several thresholds (the sweep's distill-once, prune-many)."""
     nid = sim["pop"].neuron_ids[0]
@@ -172,7 +202,7 @@ def test_compression_recovers_small_ground_truth_neurons(sim):
     cfg = CompressConfig(
         student_filters=(12,) * 5, output_units="spikes/100ms", seed=0,
         distill=DistillConfig(n_images=500 * 64, lr=3e-3, eval_every_images=100 * 64),
-        retrain=DistillConfig(n_images=200 * 64, lr=1e-3, eval_every_images=100 * 64))
+        retrain=DistillConfig(n_images=400 * 64, lr=1e-3, eval_every_images=100 * 64))
     truth = sim["pop"].ground_truth
     for i in (2, 3):
         nid = sim["pop"].neuron_ids[i]

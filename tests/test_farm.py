@@ -208,7 +208,9 @@ def tiny_inputs(tiny_base):
     return prepare_job(cfg).inputs, cfg, tiny_base
 
 
-def test_a_neuron_with_nan_teacher_responses_fails_alone(tiny_inputs, local_ray, tmp_path):
+@pytest.mark.parametrize("pack", [1, 2])
+def test_a_neuron_with_nan_teacher_responses_fails_alone(tiny_inputs, local_ray, tmp_path, pack):
+    """Also when it is packed into one task with a good neuron (pack=2)."""
     inputs, cfg, base = tiny_inputs
     good, bad = inputs.neuron_ids[0], inputs.neuron_ids[1]
     targets = inputs.bank_targets.copy()
@@ -218,7 +220,7 @@ def test_a_neuron_with_nan_teacher_responses_fails_alone(tiny_inputs, local_ray,
     tracker = Tracker.open(f"sqlite:///{_store(tmp_path, base)}", "nan")
     parent = tracker.start_job("nan-job")
 
-    rows = run_neurons([good, bad], broken, cfg.compress, 0, tracker, parent, progress=False)
+    rows = run_neurons([good, bad], broken, cfg.compress, 0, tracker, parent, progress=False, pack=pack)
 
     by_id = {r["neuron_id"]: r for r in rows}
     assert by_id[good]["status"] == "FINISHED" and by_id[bad]["status"] == "FAILED"
@@ -230,6 +232,32 @@ def test_a_neuron_with_nan_teacher_responses_fails_alone(tiny_inputs, local_ray,
     err = runs[bad].data.tags[TAG_ERROR]
     assert err.startswith("ValueError") and "targets" in err and "NaN" in err
     assert runs[bad].data.params["neuron_id"] == bad  # the failed run says what it was
+
+
+def test_packed_tasks_log_one_finished_run_per_neuron(tiny_inputs, local_ray, tmp_path):
+    """farm.pack=3 over 4 neurons: tasks of 3 and 1 neurons (one packed distillation each); every
+    neuron gets its own FINISHED run whose logged model scores what its metrics say."""
+    from farm.distill import predict, squared_pearson
+    from farm.models.compact import load_compact
+
+    inputs, cfg, base = tiny_inputs
+    tracker = Tracker.open(f"sqlite:///{_store(tmp_path, base)}", "packed")
+    parent = tracker.start_job("packed-job")
+    neurons = list(inputs.neuron_ids)
+    rows = run_neurons(neurons, inputs, cfg.compress, 0, tracker, parent, progress=False, pack=3)
+    assert sorted(r["neuron_id"] for r in rows) == sorted(neurons)
+    assert all(r["status"] == "FINISHED" for r in rows), rows
+    children = neuron_children(tracker, parent, "FINISHED")
+    assert sorted(r.data.tags[TAG_NEURON] for r in children) == sorted(neurons)
+    for run in children:
+        nid = run.data.tags[TAG_NEURON]
+        model = load_compact(tracker.download(run.info.run_id, "model", tmp_path / nid.replace(":", "_")))
+        assert model.spec.neuron_ids == (nid,)
+        pred = predict(model, inputs.heldout_images)
+        assert squared_pearson(inputs.heldout_targets[:, neurons.index(nid)], pred) == pytest.approx(
+            run.data.metrics["r2_teacher_heldout"], rel=1e-3, abs=1e-5)
+    with pytest.raises(ValueError, match="farm.pack"):
+        run_neurons(neurons, inputs, cfg.compress, 0, tracker, parent, progress=False, pack=0)
 
 
 def test_a_task_leaves_other_neurons_in_flight_runs_alone(tiny_inputs, tmp_path):
