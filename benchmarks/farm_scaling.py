@@ -6,7 +6,7 @@ and retrained. Data, bank and teacher responses are prepared once, outside the t
 worker count a fresh local Ray (``num_cpus`` = workers, one CPU per neuron task) and a fresh MLflow
 sqlite store are used, so every run compresses and logs every neuron from cold workers, as a job does.
 
-    python benchmarks/farm_scaling.py [--neurons 8] [--workers 1 2] [--out DIR]
+    python benchmarks/farm_scaling.py [--neurons 8] [--workers 1 2] [--pack 1 4] [--out DIR]
 
 Prints the machine, date, load average and command, then a markdown table: Ray start, compress
 phase (tasks + MLflow logging), job total, speed-up of the compress phase over the first row.
@@ -57,20 +57,20 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def run_once(workers: int, prepared, cfg, store: Path) -> dict:
+def run_once(workers: int, prepared, cfg, store: Path, pack: int = 1) -> dict:
     import ray
 
     from farm.farm import init_ray, parse_neuron_selection, run_neurons
     from farm.tracking import Tracker
 
     tracker = Tracker.open(f"sqlite:///{store}", "scaling")
-    parent = tracker.start_job(f"scaling-{workers}w")
+    parent = tracker.start_job(f"scaling-{workers}w-pack{pack}")
     neurons = parse_neuron_selection(cfg.neurons, prepared.neuron_ids)
     t0 = time.perf_counter()
     init_ray(num_cpus=workers, object_store_memory=300_000_000)
     t1 = time.perf_counter()
     rows = run_neurons(neurons, prepared.inputs, cfg.compress, cfg.seed, tracker, parent, num_cpus=1,
-                       progress=False)
+                       progress=False, pack=pack)
     t2 = time.perf_counter()
     ray.shutdown()
     tracker.end_run(parent)
@@ -78,7 +78,7 @@ def run_once(workers: int, prepared, cfg, store: Path) -> dict:
     if failed:
         raise RuntimeError(f"{len(failed)} neurons did not finish: {failed[:2]}")
     task_s = [r["distill_seconds"] + r["prune_seconds"] + r["retrain_seconds"] for r in rows]
-    return {"workers": workers, "neurons": len(rows), "ray_start": t1 - t0, "compress": t2 - t1,
+    return {"workers": workers, "pack": pack, "neurons": len(rows), "ray_start": t1 - t0, "compress": t2 - t1,
             "total": t2 - t0, "task_median": statistics.median(task_s)}
 
 
@@ -86,6 +86,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--neurons", type=int, default=8)
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--pack", type=int, nargs="+", default=[1],
+                    help="neurons per task (farm.pack: one packed distillation per task); e.g. --pack 1 4")
     ap.add_argument("--out", help="working folder (default: a temporary one, removed at the end)")
     args = ap.parse_args()
 
@@ -110,8 +112,10 @@ def main() -> None:
     results = []
     try:
         for w in args.workers:
-            results.append(run_once(w, prepared, cfg, out / f"mlflow-{w}w.db"))
-            print(f"{w} worker(s): compress {results[-1]['compress']:.1f} s", file=sys.stderr, flush=True)
+            for pk in args.pack:
+                results.append(run_once(w, prepared, cfg, out / f"mlflow-{w}w-pack{pk}.db", pk))
+                print(f"{w} worker(s), {pk} neuron(s) per task: compress {results[-1]['compress']:.1f} s",
+                      file=sys.stderr, flush=True)
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
         if not args.out:
@@ -127,11 +131,11 @@ def main() -> None:
     print(f"- command: `python benchmarks/farm_scaling.py {' '.join(sys.argv[1:])}`")
     print(f"- job: {args.neurons} neurons, 24 px, 8-filter students, 1 distill + 1 retrain pass over "
           f"{len(prepared.inputs.bank_images)} images, one CPU per task\n")
-    print("| workers | neurons | Ray start (s) | compress phase (s) | job total (s) | median task compute (s) "
-          "| speed-up (compress) |")
-    print("|---|---|---|---|---|---|---|")
+    print("| workers | neurons per task | neurons | Ray start (s) | compress phase (s) | job total (s) "
+          "| median compute per neuron (s) | speed-up (compress) |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['workers']} | {r['neurons']} | {r['ray_start']:.1f} | {r['compress']:.1f} | "
+        print(f"| {r['workers']} | {r['pack']} | {r['neurons']} | {r['ray_start']:.1f} | {r['compress']:.1f} | "
               f"{r['total']:.1f} | {r['task_median']:.1f} | {base / r['compress']:.2f}x |")
 
 
