@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -317,8 +318,13 @@ def run_demo(out_dir: str = "farm_runs/demo", overrides: list[str] | None = None
     prepared = prepare_job(cfg, tracker)
     result = run_compress_job(cfg, progress=True, prepared=prepared)
     run_sweep_job(cfg, progress=True, prepared=prepared)
+    extra = " ".join(shlex.quote(o) for o in [f"out_dir={out_dir}", f"data.dir={Path(out_dir) / 'data'}",
+                                              *(overrides or [])]) \
+        if (out_dir != "farm_runs/demo" or overrides) else ""
     print(f"\ndemo finished in {time.time() - t0:.0f} s. Browse the runs in the MLflow UI:\n  "
-          f"{ui_command(tracker.uri)}\nthen open http://127.0.0.1:5000")
+          f"{ui_command(tracker.uri)}\nthen open http://127.0.0.1:5000\n"
+          f"Look inside every compact model (maximizing images, saliency, dot tuning, ...; ~2 min):\n  "
+          f"farm analyze --config demo {extra}".rstrip())
     return result
 
 

@@ -586,11 +586,18 @@ def test_the_demo_config_end_to_end(tiny_base, local_ray, tmp_path, capsys):
         assert 0 <= s["r2_teacher_heldout"] <= 1 and "r2_ground_truth" in s and s["param_count"] > 0
     assert "R² truth" in out and "sim2:2" in out and "sweep (per neuron" in out
     assert f"--backend-store-uri sqlite:///{tmp_path / 'mlflow.db'}" in out and "--host 127.0.0.1" in out
+    assert f"farm analyze --config demo out_dir={tmp_path / 'demo'}" in out
 
     tracker = Tracker.open(f"sqlite:///{tmp_path / 'mlflow.db'}", "farm-demo")
     sweep_parent = tracker.find_job(result.job_id + "-sweep", kind="sweep")
     trials = tracker.child_runs(sweep_parent)
     assert sorted(float(r.data.params["tau"]) for r in trials) == [0.8, 0.95]
-    assert sum(r.data.tags.get("farm.chosen") == "true" for r in trials) == 1
+    # the chosen trial (if any reached (1 - eps) x the distilled R²) is the rule's choice
+    from farm.sweep import choose_model
+
+    m = [r.data.metrics for r in trials]
+    want = choose_model([x["param_count"] for x in m], [x["r2_teacher_heldout"] for x in m],
+                        m[0]["r2_teacher_distilled"], 0.02)
+    assert [r.data.tags.get("farm.chosen") == "true" for r in trials] == [i == want for i in range(len(trials))]
     written = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert written["job_id"] == result.job_id and len(written["neurons"]) == 3
