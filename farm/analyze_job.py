@@ -31,6 +31,7 @@ from typing import Sequence
 import numpy as np
 
 from farm.config import JobConfig
+from farm.pipeline import _neuron_key
 from farm.tracking import TAG_NEURON, Tracker
 
 log = logging.getLogger(__name__)
@@ -130,11 +131,6 @@ def job_models(tracker: Tracker, job_id: str, dst: Path, neurons: Sequence[str] 
     return out
 
 
-def _neuron_key(nid: str):
-    s, _, i = nid.partition(":")
-    return (s, int(i) if i.isdigit() else i)
-
-
 def run_analyze_job(cfg: JobConfig, force: bool = False, progress: bool = True) -> AnalyzeJobResult:
     """Analyse every compact model of the compress job ``cfg`` describes (see the module docstring)."""
     import ray
@@ -193,7 +189,6 @@ def run_analyze_job(cfg: JobConfig, force: bool = False, progress: bool = True) 
         rows = gather(pending, "analyses", "model", progress)
 
     # Across models, on the driver: every finished model of the job, analysed now or before.
-    population_metrics = {}
     loaded = [load_compact(m[2]) for m in models]
     labels = [m[0] for m in models]
     synth = {r["neuron_id"]: r["synth_max"] for r in rows if r.get("synth_max") is not None}
