@@ -40,10 +40,10 @@ class SynthParams:
     image_blur_every: blur the image every this many steps (paper: 50); 0 = never.
     init_low, init_range: raw init uniform in [init_low, init_low + init_range). Default: full-range
       noise (0, 255). The paper's narrow grey init (128, 50) can leave a small compact model where its
-      units are off and the ascent barely moves (measured 2026-11-27 on the demo's 16 models, 100
-      steps x 9 restarts: with (128, 50) 4 stayed below their mean natural-image response and 10
-      beat their best bank image; with (0, 255) none stayed below and 14 beat it). Pass (128, 50)
-      for the paper's.
+      units are off and the ascent barely moves (benchmarks/synth_init.py on the demo's 16 models,
+      100 steps x 9 restarts: with (128, 50) 4 stayed below their mean natural-image response and 10
+      beat their best bank image; with (0, 255) none stayed below and 14 beat it; see
+      benchmarks/README.md). Pass (128, 50) for the paper's.
     grayscale: force the image to grey (channel mean) after every step (paper: optional, off).
     seed: random initialization.
     """
