@@ -36,15 +36,23 @@ NEURONS = ("190923:0", "190923:1", "190923:2")
 
 def run(v4_dir, published_dir, work_dir, n_bank: int = 1500, n_heldout: int = 300, filters: int = 8,
         distill_passes: float = 10, retrain_passes: float = 2, lr: float = 1e-3, batch_size: int = 32,
-        neurons=NEURONS, seed: int = 0, log=None) -> list[dict]:
+        neurons=NEURONS, seed: int = 0, log=None, start: str = "distill") -> list[dict]:
     """One row per neuron: our compressed model's filters, params, raw R², r, R² to the teacher on
-    the held-out bank images, and the published compact model's filters, params and raw R²."""
+    the held-out bank images, and the published compact model's filters, params and raw R².
+
+    start: "distill" (the paper: a fresh ``filters``-wide student distilled from the teacher) or
+    "slice" (no distillation: the teacher's own output for the neuron, ``output_slice`` of the shared
+    model, is pruned and retrained)."""
+    if start not in ("distill", "slice"):
+        raise ValueError(f"start must be 'distill' or 'slice', got {start!r}")
     from farm.compress import CompressConfig, RealData, compress_neuron
     from farm.data.images import BankConfig, build_bank
     from farm.data.v4release import load_v4_session
     from farm.distill import DistillConfig, compute_teacher_responses, predict, split_heldout
     from farm.metrics import r2_raw
-    from farm.models.published import load_published_compact, shared_compact_path, shared_compact_teacher
+    from farm.models.compact import output_slice
+    from farm.models.published import (load_published_compact, load_shared_compact, shared_compact_path,
+                                        shared_compact_teacher)
 
     log = log or (lambda msg: None)
     v4_dir, published_dir, work_dir = Path(v4_dir), Path(published_dir), Path(work_dir)
@@ -53,7 +61,9 @@ def run(v4_dir, published_dir, work_dir, n_bank: int = 1500, n_heldout: int = 30
     bank = build_bank(sources, BankConfig(n_images=n_bank, image_size=112, proportions={"natural": 1.0}, seed=seed,
                                           shard_size=500), work_dir / f"bank-{n_bank}-seed{seed}")
     log(f"bank {bank.bank_id}: {len(bank)} images ({time.perf_counter() - t0:.0f} s)")
-    teacher = shared_compact_teacher(shared_compact_path(published_dir, "from_ensemble_model", 200), sessions="190923")
+    shared_path = shared_compact_path(published_dir, "from_ensemble_model", 200)
+    teacher = shared_compact_teacher(shared_path, sessions="190923")
+    shared = load_shared_compact(shared_path) if start == "slice" else None
     responses = compute_teacher_responses(
         teacher, bank, cache_dir=work_dir / "responses",
         progress=lambda done, total: log(f"teacher: {done}/{total} images ({time.perf_counter() - t0:.0f} s)"))
@@ -76,11 +86,13 @@ def run(v4_dir, published_dir, work_dir, n_bank: int = 1500, n_heldout: int = 30
         t = time.perf_counter()
         result = compress_neuron(nid, images[train], responses.responses[train, col], images[held],
                                  responses.responses[held, col], cfg,
-                                 real=RealData(second.images, averaged[i], has_repeats=False))
+                                 real=RealData(second.images, averaged[i], has_repeats=False),
+                                 distilled=None if shared is None else output_slice(shared, nid),
+                                 progress=_progress_log(nid, log, t))
         published = load_published_compact(
             published_dir / "compact_models" / "models_torch" / f"compact_model_190923_neuron{i}.pt")
         pred = predict(published, second.images)
-        rows.append({"neuron": nid, "filters": list(result.filters), "total_filters": result.total_filters,
+        rows.append({"neuron": nid, "start": start, "filters": list(result.filters), "total_filters": result.total_filters,
                      "params": result.param_count, "r2_raw": result.r2_raw, "r": result.r_real,
                      "r2_teacher_heldout": result.r2_teacher_heldout,
                      "r2_teacher_distilled": result.r2_teacher_distilled,
@@ -91,6 +103,18 @@ def run(v4_dir, published_dir, work_dir, n_bank: int = 1500, n_heldout: int = 30
                      "seconds": time.perf_counter() - t})
         log(json.dumps(rows[-1]))
     return rows
+
+
+def _progress_log(nid: str, log, t0: float):
+    """compress_neuron's progress as log lines: every pruned layer and every training log point."""
+    def progress(stage: str, info: dict) -> None:
+        if stage == "prune" and info.get("stage") == "layer":
+            log(f"{nid} pruned layer {info.get('layer')}: {info.get('filters_before')} -> "
+                f"{info.get('filters_after')} filters, "
+                f"R² to teacher {info.get('r2_teacher')} ({time.perf_counter() - t0:.0f} s)")
+        elif stage in ("distill", "retrain"):
+            log(f"{nid} {stage} step {info.get('step')}: loss {info.get('loss')} ({time.perf_counter() - t0:.0f} s)")
+    return progress
 
 
 def table(rows: list[dict]) -> str:
@@ -123,6 +147,9 @@ def main(argv=None) -> None:
     p.add_argument("--distill-passes", type=float, default=4)
     p.add_argument("--retrain-passes", type=float, default=1)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--start", choices=("distill", "slice"), default="distill",
+                   help="distill a fresh student (the paper) or prune the shared teacher's own slice")
+    p.add_argument("--neurons", nargs="+", default=list(NEURONS))
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = p.parse_args(argv)
@@ -130,7 +157,7 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     rows = run(args.v4_dir, args.published_dir, args.work_dir, args.n_bank, args.n_heldout, args.filters,
-               args.distill_passes, args.retrain_passes, args.lr,
+               args.distill_passes, args.retrain_passes, args.lr, neurons=args.neurons, start=args.start,
                log=lambda msg: print(msg, file=sys.stderr, flush=True))
     print(f"{datetime.date.today().isoformat()}, {time.perf_counter() - t0:.0f} s, "
           f"{torch.get_num_threads()} torch threads")

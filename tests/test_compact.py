@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from farm.models.compact import (CompactSpec, build_compact, load_compact, narrow, same_pad,
-                                 save_compact)
+from farm.models.compact import (CompactSpec, build_compact, load_compact, narrow, output_slice,
+                                 same_pad, save_compact)
 
 
 def test_paper_model_shapes_and_padding():
@@ -93,6 +93,35 @@ def test_narrow_equals_zeroed_model():
     small = narrow(m, keep).eval()
     assert small.spec.filters == (4, 3, 3, 3, 3)
     torch.testing.assert_close(small(x), m(x), rtol=1e-5, atol=1e-5)
+
+
+def test_output_slice_of_a_shared_model_computes_that_output():
+    spec = CompactSpec(filters=(5, 4, 6, 3, 7), image_size=24, readout="factorized", n_outputs=4,
+                       neuron_ids=("a:0", "a:1", "b:0", "b:1"))
+    m = build_compact(spec, seed=5)
+    with torch.no_grad():  # biases and BN state away from their init, so every term matters
+        for p in (m.mixing.bias, m.spatial_bias, m.layer0_conv.bias):
+            p.uniform_(-1, 1)
+        for l in range(5):
+            m.bn(l).running_mean.uniform_(-1, 1)
+            m.bn(l).running_var.uniform_(0.5, 2)
+    m.eval()
+    x = torch.randn(6, 3, 24, 24) * 40
+    full = m(x)
+    for key, column in (("b:0", 2), (1, 1)):
+        one = output_slice(m, key)
+        assert one.spec.readout == "dense" and one.spec.filters == spec.filters
+        assert one.spec.neuron_ids == (spec.neuron_ids[column],) and not one.training
+        torch.testing.assert_close(one(x)[:, 0], full[:, column], rtol=1e-5, atol=1e-5)
+    # the slice is its own model: training it leaves the shared model alone
+    before = m.layer0_conv.weight.clone()
+    with torch.no_grad():
+        output_slice(m, 0).layer0_conv.weight.add_(1)
+    assert torch.equal(m.layer0_conv.weight, before)
+    with pytest.raises(ValueError, match="'c:0' is not an output"):
+        output_slice(m, "c:0")
+    with pytest.raises(ValueError, match="out of range"):
+        output_slice(m, 4)
 
 
 def test_save_load_round_trip(tmp_path):

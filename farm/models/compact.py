@@ -312,6 +312,51 @@ def narrow(model: CompactModel, keep: Sequence[Sequence[int]]) -> CompactModel:
     return new
 
 
+def output_slice(model: CompactModel, output: int | str) -> CompactModel:
+    """One output of a shared (factorized-readout) compact model as a single-neuron dense model.
+
+    ``output``: the output's index or its neuron id (``model.spec.neuron_ids``). The factorized readout
+    (mixing row m over K4 filters, spatial map s over R x R, biases b_m, b_s) is the rank-1 dense readout
+    W[y, x, k] = s[y, x] * m[k] with bias b_s + b_m * sum(s), so the slice computes exactly that output
+    (to float rounding). Layers 0-4 are copied whole: the slice is as wide as the shared model and can
+    be pruned and retrained like a distilled student (``farm.compress.prune_and_retrain``). A model with
+    a dense readout has one output and is returned as a copy.
+    """
+    spec = model.spec
+    if isinstance(output, str):
+        if output not in spec.neuron_ids:
+            raise ValueError(f"output_slice: neuron {output!r} is not an output of this model "
+                             f"({len(spec.neuron_ids)} neuron ids, e.g. {list(spec.neuron_ids[:3])})")
+        index = spec.neuron_ids.index(output)
+    else:
+        index = int(output)
+        if not 0 <= index < spec.n_outputs:
+            raise ValueError(f"output_slice: output {index} out of range: the model has {spec.n_outputs} outputs")
+    neuron = (spec.neuron_ids[index],) if spec.neuron_ids else ()
+    d = spec.to_dict()
+    d.update(readout="dense", n_outputs=1, neuron_ids=list(neuron))
+    new = CompactModel(CompactSpec.from_dict(d)).to(next(model.parameters()).device)
+    src = model.state_dict()
+    dst = new.state_dict()
+    with torch.no_grad():
+        for key, value in dst.items():
+            if not key.startswith("readout."):
+                value.copy_(src[key])
+        if spec.readout == "dense":
+            dst["readout.weight"].copy_(src["readout.weight"])
+            dst["readout.bias"].copy_(src["readout.bias"])
+        else:
+            mix = src["mixing.weight"][index, :, 0, 0].double()  # (K4,)
+            spatial = src["spatial"][index].double()  # (R, R)
+            weight = spatial[:, :, None] * mix[None, None, :]  # (R, R, K4): NHWC flatten order
+            dst["readout.weight"].copy_(weight.reshape(1, -1))
+            bias = src["spatial_bias"][index].double() + src["mixing.bias"][index].double() * spatial.sum()
+            dst["readout.bias"].copy_(bias.reshape(1))
+    new.load_state_dict(dst)
+    new.train(model.training)
+    return new
+
+
 def save_compact(model: CompactModel, directory: str | Path) -> Path:
     """Write ``spec.json`` + ``state_dict.pt`` into ``directory`` (created). Atomic per file."""
     d = Path(directory)
