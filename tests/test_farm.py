@@ -601,3 +601,44 @@ def test_the_demo_config_end_to_end(tiny_base, local_ray, tmp_path, capsys):
     assert [r.data.tags.get("farm.chosen") == "true" for r in trials] == [i == want for i in range(len(trials))]
     written = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert written["job_id"] == result.job_id and len(written["neurons"]) == 3
+
+
+# -- real V4 neurons through the farm ---------------------------------------------------------------
+@pytest.mark.slow
+def test_the_v4_190923_config_compresses_real_neurons(tiny_base, local_ray, tmp_path, v4_dir, published_dir):
+    """configs/v4_190923.yaml (the paper's release -> Parquet sessions, the published shared compact
+    teacher, a bank of training-session images only) shrunk by overrides: two real 190923 neurons
+    compressed on Ray and logged, each scored against 190923's second half; the logged raw R² is
+    the logged model's own on those images."""
+    from farm.data.sessions import read_session
+    from farm.distill import predict
+    from farm.metrics import r2_raw
+    from farm.models.compact import load_compact
+    from farm.models.published import shared_compact_path
+    from farm.pipeline import run_compress_job
+
+    shutil.copyfile(tiny_base / "template.db", tmp_path / "mlflow.db")
+    cfg = load_job_config(REPO / "configs" / "v4_190923.yaml", [
+        f"out_dir={tmp_path / 'out'}", f"data.dir={tmp_path / 'sessions'}", f"data.source={v4_dir}",
+        f"teacher.path={shared_compact_path(published_dir, 'from_ensemble_model', 200)}",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "neurons=190923:0-1", "bank.heldout=100",
+        "bank.bank.n_images=400", "compress.student_filters=[4,4,4,4,4]", "compress.distill.passes=1",
+        "compress.distill.bn_recalibrate_images=256", "compress.retrain.bn_recalibrate_images=256",
+        "farm.local_num_cpus=2", "farm.object_store_memory=300000000"])
+    result = run_compress_job(cfg, progress=False)
+    assert result.failed == [] and sorted(r["neuron_id"] for r in result.rows) == ["190923:0", "190923:1"]
+
+    second = read_session(next((tmp_path / "sessions").glob("190923*.parquet"))).halves()[1]
+    averaged = second.mean_responses()
+    tracker = Tracker.open(cfg.tracking.uri, cfg.tracking.experiment)
+    runs = neuron_children(tracker, result.parent_run_id, "FINISHED")
+    assert sorted(r.data.tags[TAG_NEURON] for r in runs) == ["190923:0", "190923:1"]
+    for run in runs:
+        nid = run.data.tags[TAG_NEURON]
+        m = run.data.metrics
+        assert "r2_er" not in m  # 190923's raw repeats are not public: raw R² only
+        model = load_compact(Path(tracker.download(run.info.run_id, "model", tmp_path / nid.replace(":", "_"))))
+        assert model.spec.neuron_ids == (nid,) and model.spec.image_size == 112
+        want = r2_raw(averaged[int(nid.split(":")[1])], predict(model, second.images))[0]
+        assert m["r2_raw"] == pytest.approx(want, rel=1e-4, abs=1e-6)
+        assert m["param_count"] == model.param_count()
