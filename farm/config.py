@@ -75,10 +75,14 @@ class FarmResources:
 
     pack: neurons per task, distilled together as one packed network (``compress_neurons``): fewer,
     fuller tasks (a GPU, or small students on a CPU core). 1 = one neuron per task.
+    teacher_tasks_min_images: a bank of at least this many images gets the teacher's responses as
+    Ray tasks, one per bank shard (each with ``num_cpus`` / ``num_gpus``; the teacher goes to the
+    object store once); smaller banks run on the driver. 0 = always on the driver.
     """
 
     num_cpus: float = 1
     pack: int = 1
+    teacher_tasks_min_images: int = 20_000
     num_gpus: float = 0
     max_retries: int = 3
     device: str = "auto"

@@ -27,7 +27,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -220,10 +220,23 @@ def _check_images(images, what: str) -> np.ndarray:
     return a
 
 
+ShardRunner = Callable[..., Iterable[tuple[np.ndarray, np.ndarray]]]
+
+
+def shard_responses(teacher, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """The teacher's responses to one shard of images: float32 (n, neurons), shape-checked."""
+    images = _check_images(images, "bank shard")
+    r = np.asarray(teacher.predict(images, batch_size=batch_size), dtype=np.float32)
+    if r.shape != (len(images), len(teacher.neuron_ids)):
+        raise ValueError(f"teacher.predict returned shape {r.shape} for {len(images)} images and "
+                         f"{len(teacher.neuron_ids)} neurons; expected (images, neurons)")
+    return r
+
+
 def compute_teacher_responses(teacher, bank_or_images, batch_size: int = 256,
                               progress: Callable[[int, int | None], None] | None = None,
                               cache_dir: str | Path | None = None, teacher_id: str | None = None,
-                              bank_id: str | None = None) -> TeacherResponses:
+                              bank_id: str | None = None, runner: ShardRunner | None = None) -> TeacherResponses:
     """Every neuron's teacher response to every image, in ONE pass over the images.
 
     teacher: a ``farm.models.base.Teacher`` (``predict(uint8 (n, H, W, 3)) -> (n, neurons)``).
@@ -235,6 +248,9 @@ def compute_teacher_responses(teacher, bank_or_images, batch_size: int = 256,
         later call with the same key loads it instead of running the teacher.
     teacher_id / bank_id: override the ids (default: ``teacher_fingerprint(teacher)``; the bank's
         ``bank_id``, or a content hash of an image array).
+    runner: how a bank's shards are run: ``runner(teacher, bank, batch_size, progress)`` -> one
+        (image ids, responses (n, neurons)) pair per shard, in shard order. Default: one shard after
+        another in this process. ``farm.farm.ray_shard_runner`` runs them as Ray tasks.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -265,27 +281,33 @@ def compute_teacher_responses(teacher, bank_or_images, batch_size: int = 256,
             log.info("teacher responses loaded from cache %s", cache)
             return cached
 
-    if is_bank:
-        total = len(bank_or_images) if hasattr(bank_or_images, "__len__") else None
-        shards = ((np.asarray(ids, dtype=np.int64), _check_images(imgs, "bank shard"))
-                  for ids, imgs, *_ in bank_or_images.iter_shards())
+    if runner is not None:
+        if not is_bank:
+            raise ValueError("compute_teacher_responses: a shard runner needs an image bank, not an array")
+        parts = list(runner(teacher, bank_or_images, batch_size, progress))
     else:
-        total = len(images)
-        shards = ((np.arange(s, min(s + batch_size, total), dtype=np.int64), images[s:s + batch_size])
-                  for s in range(0, total, batch_size))
-    all_ids, all_resp, done = [], [], 0
-    for ids, imgs in shards:
-        if len(ids) != len(imgs):
-            raise ValueError(f"bank shard has {len(ids)} ids for {len(imgs)} images")
-        r = np.asarray(teacher.predict(imgs, batch_size=batch_size), dtype=np.float32)
-        if r.shape != (len(imgs), len(neuron_ids)):
-            raise ValueError(f"teacher.predict returned shape {r.shape} for {len(imgs)} images and "
+        if is_bank:
+            total = len(bank_or_images) if hasattr(bank_or_images, "__len__") else None
+            shards = ((ids, imgs) for ids, imgs, *_ in bank_or_images.iter_shards())
+        else:
+            total = len(images)
+            shards = ((np.arange(s, min(s + batch_size, total), dtype=np.int64), images[s:s + batch_size])
+                      for s in range(0, total, batch_size))
+        parts, done = [], 0
+        for ids, imgs in shards:
+            parts.append((ids, shard_responses(teacher, imgs, batch_size)))
+            done += len(imgs)
+            if progress is not None:
+                progress(done, total)
+    all_ids, all_resp = [], []
+    for ids, r in parts:
+        ids = np.asarray(ids, dtype=np.int64)
+        r = np.asarray(r, dtype=np.float32)
+        if r.shape != (len(ids), len(neuron_ids)):
+            raise ValueError(f"teacher responses of shape {r.shape} for {len(ids)} images and "
                              f"{len(neuron_ids)} neurons; expected (images, neurons)")
         all_ids.append(ids)
         all_resp.append(r)
-        done += len(imgs)
-        if progress is not None:
-            progress(done, total)
     if not all_ids:
         raise ValueError("compute_teacher_responses: no images")
     result = TeacherResponses(image_ids=np.concatenate(all_ids), responses=np.concatenate(all_resp),

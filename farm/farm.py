@@ -390,6 +390,45 @@ def _neuron_task(group, neuron_ids, bank_images, bank_targets, heldout_images, h
     return compress_group_and_log(group, inputs, compress_cfg, seed, tracker, parent_run_id, device, register)
 
 
+# -- teacher responses over a big bank: one Ray task per shard ----------------------------------------
+def _responses_task(teacher, bank_dir: str, shard: int, batch_size: int):
+    import torch
+
+    from farm.data.images import ImageBank
+    from farm.distill import shard_responses
+
+    torch.set_num_threads(task_threads())
+    ids, images, _ = ImageBank(bank_dir).read_shard(shard)
+    return ids, shard_responses(teacher, images, batch_size)
+
+
+def ray_shard_runner(num_cpus: float = 1, num_gpus: float = 0, max_retries: int = 3):
+    """A ``compute_teacher_responses`` runner: the teacher is put in the object store once and every
+    bank shard is one Ray task that reads its own images from the bank folder (which must be
+    readable by every worker: local Ray, or a shared filesystem on a cluster); results are gathered
+    as they finish (``ray.wait``) and returned in shard order."""
+    import ray
+
+    def run(teacher, bank, batch_size: int, progress=None):
+        remote = ray.remote(_responses_task).options(num_cpus=num_cpus, num_gpus=num_gpus,
+                                                     max_retries=max_retries)
+        ref = ray.put(teacher)
+        bank_dir = str(Path(bank.directory).resolve())
+        pending = {remote.remote(ref, bank_dir, i, batch_size): i for i in range(len(bank.shards))}
+        parts, done = {}, 0
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for r in ready:
+                i = pending.pop(r)
+                parts[i] = ray.get(r)
+                done += len(parts[i][0])
+                if progress is not None:
+                    progress(done, len(bank))
+        return [parts[i] for i in range(len(bank.shards))]
+
+    return run
+
+
 # -- analysis at scale: maximizing natural images over a bank ----------------------------------------
 def _rank_chunk_task(model_dirs, bank_dir, first, stop, top_k, params_dict):
     """Rank bank images [first, stop) by the outputs of the models saved in ``model_dirs``."""

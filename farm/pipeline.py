@@ -171,7 +171,28 @@ class PreparedJob:
     teacher_real_r2: dict = field(default_factory=dict)  # neuron id -> the teacher's R² on real data
 
 
-def prepare_job(cfg: JobConfig, tracker: Tracker | None = None) -> PreparedJob:
+def _images_bar(desc: str, enabled: bool):
+    """A ``progress(done, total)`` callback drawing a tqdm bar of images (None when not enabled)."""
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    state: dict = {}
+
+    def progress(done: int, total: int | None) -> None:
+        if "bar" not in state:
+            state["bar"] = tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True)
+        bar = state["bar"]
+        bar.update(done - bar.n)
+        if total is not None and done >= total:
+            bar.close()
+
+    return progress
+
+
+def prepare_job(cfg: JobConfig, tracker: Tracker | None = None, progress: bool = False) -> PreparedJob:
+    """Sessions, teacher, bank and the teacher's responses to it (each stage cached under out_dir);
+    ``progress`` draws a bar while the teacher runs over the bank."""
     from farm.distill import compute_teacher_responses, split_heldout
     from farm.metrics import evaluate_predictions
 
@@ -180,8 +201,17 @@ def prepare_job(cfg: JobConfig, tracker: Tracker | None = None) -> PreparedJob:
     neuron_sessions = {n.split(":", 1)[0] for n in teacher.neuron_ids}
     image_size = next(s.images.shape[1] for s in sessions if s.images.size)
     bank = prepare_bank(cfg, sessions, neuron_sessions, image_size)
+    runner = None
+    if 0 < cfg.farm.teacher_tasks_min_images <= len(bank) and len(bank.shards) > 1:
+        from farm.farm import ray_shard_runner
+
+        _init_ray(cfg, tracker or _tracker(cfg))
+        runner = ray_shard_runner(cfg.farm.num_cpus, cfg.farm.num_gpus, cfg.farm.max_retries)
+        log.info("teacher responses to %d bank images: %d Ray tasks, one per shard (unless cached)",
+                 len(bank), len(bank.shards))
     resp = compute_teacher_responses(teacher, bank, cache_dir=Path(cfg.out_dir) / "responses",
-                                     teacher_id=tinfo["teacher_id"])
+                                     teacher_id=tinfo["teacher_id"], runner=runner,
+                                     progress=_images_bar("teacher responses", progress))
     images = bank.load_all()[1]
     if not np.array_equal(resp.image_ids, np.arange(len(images))):
         order = np.argsort(resp.image_ids)
@@ -233,7 +263,7 @@ def run_compress_job(cfg: JobConfig, progress: bool = True, prepared: PreparedJo
     t0 = time.time()
     Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
     tracker = _tracker(cfg)
-    prepared = prepared or prepare_job(cfg, tracker)
+    prepared = prepared or prepare_job(cfg, tracker, progress=progress)
     neurons = parse_neuron_selection(cfg.neurons, prepared.neuron_ids)
     job_id = cfg.resolved_job_id()
     parent = tracker.start_job(job_id, params=_job_params(cfg, prepared),
@@ -278,7 +308,7 @@ def run_sweep_job(cfg: JobConfig, progress: bool = True, prepared: PreparedJob |
 
     Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
     tracker = _tracker(cfg)
-    prepared = prepared or prepare_job(cfg, tracker)
+    prepared = prepared or prepare_job(cfg, tracker, progress=progress)
     sel = cfg.sweep.neurons or cfg.neurons
     neurons = parse_neuron_selection(sel, prepared.neuron_ids)
     if not cfg.sweep.neurons:
@@ -315,7 +345,7 @@ def run_demo(out_dir: str = "farm_runs/demo", overrides: list[str] | None = None
     cfg = load_job_config("demo", [f"out_dir={out_dir}", f"data.dir={Path(out_dir) / 'data'}",
                                    *(overrides or [])])
     tracker = _tracker(cfg)
-    prepared = prepare_job(cfg, tracker)
+    prepared = prepare_job(cfg, tracker, progress=True)
     result = run_compress_job(cfg, progress=True, prepared=prepared)
     run_sweep_job(cfg, progress=True, prepared=prepared)
     extra = " ".join(shlex.quote(o) for o in [f"out_dir={out_dir}", f"data.dir={Path(out_dir) / 'data'}",

@@ -642,3 +642,43 @@ def test_the_v4_190923_config_compresses_real_neurons(tiny_base, local_ray, tmp_
         want = r2_raw(averaged[int(nid.split(":")[1])], predict(model, second.images))[0]
         assert m["r2_raw"] == pytest.approx(want, rel=1e-4, abs=1e-6)
         assert m["param_count"] == model.param_count()
+
+
+# -- teacher responses as Ray tasks over bank shards -------------------------------------------------
+def test_teacher_responses_as_ray_tasks_equal_the_driver_pass(tiny_base, local_ray, tmp_path, caplog):
+    """A bank of 4 shards: the teacher's responses computed by one Ray task per shard equal those of
+    the driver's own pass, in image-id order, with progress up to the whole bank; a job whose bank
+    reaches farm.teacher_tasks_min_images takes that path and gets the same distillation targets."""
+    import logging
+
+    from farm.data.images import BankConfig, build_bank
+    from farm.data.simulate import load_ground_truth
+    from farm.distill import compute_teacher_responses
+    from farm.farm import ray_shard_runner
+    from farm.pipeline import prepare_job
+
+    bank = build_bank(None, BankConfig(n_images=400, image_size=16, shard_size=100,
+                                       proportions={"gaudy": 0.5, "synthetic": 0.5}, seed=3), tmp_path / "bank")
+    assert len(bank.shards) == 4
+    teacher = load_ground_truth(tiny_base / "data")
+    serial = compute_teacher_responses(teacher, bank)
+    seen = []
+    parallel = compute_teacher_responses(teacher, bank, runner=ray_shard_runner(),
+                                         progress=lambda done, total: seen.append((done, total)))
+    assert np.array_equal(parallel.image_ids, np.arange(400)) and np.array_equal(serial.image_ids, np.arange(400))
+    np.testing.assert_allclose(parallel.responses, serial.responses, rtol=1e-5, atol=1e-6)
+    assert parallel.neuron_ids == serial.neuron_ids and seen[-1] == (400, 400) and len(seen) == 4
+    with pytest.raises(ValueError, match="needs an image bank"):
+        compute_teacher_responses(teacher, bank.load_all()[1], runner=ray_shard_runner())
+
+    targets = {}
+    for name, threshold in (("driver", 0), ("tasks", 1)):
+        cfg_path = write_config(tmp_path / name, tiny_base, bank={"dir": str(tmp_path / "bank")},
+                                farm={"teacher_tasks_min_images": threshold})
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="farm.pipeline"):
+            prepared = prepare_job(load_job_config(cfg_path))
+        assert ("4 Ray tasks, one per shard" in caplog.text) == (name == "tasks")
+        targets[name] = (prepared.inputs.bank_targets, prepared.inputs.heldout_targets)
+    for a, b in zip(targets["driver"], targets["tasks"]):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -740,16 +740,22 @@ class ImageBank:
         t = f.read(columns=columns) if row_groups is None else f.read_row_groups(row_groups, columns=columns)
         return t
 
+    def read_shard(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Shard ``i``: (image_ids int64 (n,), images uint8 (n, S, S, 3), kinds str (n,))."""
+        if not 0 <= int(i) < len(self.shards):
+            raise IndexError(f"{self.directory}: shard {i} out of range (the bank has {len(self.shards)})")
+        t = self._read_table(int(i))
+        if t.num_rows != self.shards[i]["n_images"]:
+            raise ValueError(f"{self._shard_path(i)}: {t.num_rows} rows, bank.json says "
+                             f"{self.shards[i]['n_images']}")
+        ids = t.column("image_id").to_numpy()
+        kinds = np.asarray(t.column("kind").to_pylist(), dtype=object)
+        return ids, _pixels_to_numpy(t.column("pixels"), self._image_size), kinds
+
     def iter_shards(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """Yield one shard at a time: (image_ids int64 (n,), images uint8 (n, S, S, 3), kinds str (n,))."""
         for i in range(len(self.shards)):
-            t = self._read_table(i)
-            if t.num_rows != self.shards[i]["n_images"]:
-                raise ValueError(f"{self._shard_path(i)}: {t.num_rows} rows, bank.json says "
-                                 f"{self.shards[i]['n_images']}")
-            ids = t.column("image_id").to_numpy()
-            kinds = np.asarray(t.column("kind").to_pylist(), dtype=object)
-            yield ids, _pixels_to_numpy(t.column("pixels"), self._image_size), kinds
+            yield self.read_shard(i)
 
     def read(self, ids) -> np.ndarray:
         """Images for the given ids, in that order: uint8 (len(ids), S, S, 3). Reads only the row
