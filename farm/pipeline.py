@@ -426,8 +426,11 @@ def print_summary(summary: list, title: str = "") -> None:
     head = f"{'neuron':<12} {'params':>8} {'filters':>7} {'K0..K4':<20} {'R² teacher':>10}"
     if gt:
         head += f" {'R² truth':>9} {'true filt':>9}"
+    teacher_real = real is not None and any("teacher_real_r2" in s for s in summary)
     if real:
         head += f" {real + ' (data)':>14}"
+    if teacher_real:
+        head += f" {'teacher ' + real:>14}"
     print(f"\n{title}\n{head}\n{'-' * len(head)}")
     for s in summary:
         line = (f"{s['neuron_id']:<12} {s['param_count']:>8,} {s['total_filters']:>7} "
@@ -436,6 +439,8 @@ def print_summary(summary: list, title: str = "") -> None:
             line += f" {s.get('r2_ground_truth', float('nan')):>9.3f} {s.get('true_filters', '-'):>9}"
         if real:
             line += f" {s.get(real, float('nan')):>14.3f}"
+        if teacher_real:
+            line += f" {s.get('teacher_real_r2', float('nan')):>14.3f}"
         print(line)
     if summary:
         print(f"median parameters: {int(np.median([s['param_count'] for s in summary])):,}; "

@@ -682,3 +682,18 @@ def test_teacher_responses_as_ray_tasks_equal_the_driver_pass(tiny_base, local_r
         targets[name] = (prepared.inputs.bank_targets, prepared.inputs.heldout_targets)
     for a, b in zip(targets["driver"], targets["tasks"]):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_summary_table_shows_the_teacher_on_real_data_next_to_the_compact_model(capsys):
+    from farm.pipeline import print_summary
+
+    row = {"neuron_id": "190923:0", "param_count": 5584, "total_filters": 26, "filters": [4, 4, 5, 3, 6],
+           "r2_teacher_heldout": 0.335, "r2_raw": 0.109, "teacher_real_r2": 0.512}
+    print_summary([row, {**row, "neuron_id": "190923:1", "r2_raw": 0.294, "teacher_real_r2": 0.43}], "job x")
+    lines = capsys.readouterr().out.splitlines()
+    head = next(l for l in lines if l.startswith("neuron"))
+    assert "r2_raw (data)" in head and head.rstrip().endswith("teacher r2_raw")
+    first = next(l for l in lines if l.startswith("190923:0")).split()
+    assert first[-2:] == ["0.109", "0.512"]
+    print_summary([{k: v for k, v in row.items() if k != "teacher_real_r2"}])
+    assert "teacher r2_raw" not in capsys.readouterr().out
