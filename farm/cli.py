@@ -17,29 +17,13 @@ import logging
 import sys
 
 
-def _progress_printer(label: str):
-    from tqdm import tqdm
-
-    bar = {}
-
-    def cb(done, total, what=""):
-        if "b" not in bar:
-            bar["b"] = tqdm(total=total, desc=label, unit="item", dynamic_ncols=True)
-        bar["b"].n = done
-        bar["b"].set_postfix_str(str(what))
-        bar["b"].refresh()
-        if done >= total:
-            bar["b"].close()
-
-    return cb
-
-
 # -- data -------------------------------------------------------------------------------------------
 def cmd_data_import_v4(args) -> int:
     from farm.data.v4release import import_v4_release
+    from farm.pipeline import progress_bar
 
     paths = import_v4_release(args.src, args.out, sessions=args.sessions or None,
-                              progress=_progress_printer("sessions"))
+                              progress=progress_bar("sessions"))
     for p in paths:
         print(p)
     return 0

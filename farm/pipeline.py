@@ -171,19 +171,20 @@ class PreparedJob:
     teacher_real_r2: dict = field(default_factory=dict)  # neuron id -> the teacher's R² on real data
 
 
-def _images_bar(desc: str, enabled: bool):
-    """A ``progress(done, total)`` callback drawing a tqdm bar of images (None when not enabled)."""
-    if not enabled:
-        return None
+def progress_bar(desc: str, unit: str = "item"):
+    """A ``progress(done, total, what="")`` callback drawing a tqdm bar, opened at the first call and
+    closed when ``done`` reaches ``total`` (which may be None: unknown)."""
     from tqdm import tqdm
 
     state: dict = {}
 
-    def progress(done: int, total: int | None) -> None:
+    def progress(done: int, total: int | None, what: str = "") -> None:
         if "bar" not in state:
-            state["bar"] = tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True)
+            state["bar"] = tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True)
         bar = state["bar"]
         bar.update(done - bar.n)
+        if what:
+            bar.set_postfix_str(str(what))
         if total is not None and done >= total:
             bar.close()
 
@@ -211,7 +212,7 @@ def prepare_job(cfg: JobConfig, tracker: Tracker | None = None, progress: bool =
                  len(bank), len(bank.shards))
     resp = compute_teacher_responses(teacher, bank, cache_dir=Path(cfg.out_dir) / "responses",
                                      teacher_id=tinfo["teacher_id"], runner=runner,
-                                     progress=_images_bar("teacher responses", progress))
+                                     progress=progress_bar("teacher responses", "img") if progress else None)
     images = bank.load_all()[1]
     if not np.array_equal(resp.image_ids, np.arange(len(images))):
         order = np.argsort(resp.image_ids)
