@@ -38,6 +38,8 @@ import torch
 from farm.distill import DistillConfig, DistillResult, distill, distill_many, predict, squared_pearson
 from farm.models.compact import CompactModel, CompactSpec, build_compact, load_compact, save_compact
 from farm.prune import PruneConfig, prune
+from farm.recipes import resolve_recipe
+from farm.shared_start import SharedStartConfig
 
 RESULT_FILE = "result.json"
 RESULT_FORMAT_VERSION = 1
@@ -84,6 +86,11 @@ class CompressConfig:
         retraining of the narrow model (same loop, fresh Adam; paper: the same as distill).
     iterative_retrain_images: with ``prune.iterative``, images seen by the short retrain after each
         layer (the paper's unimplemented header comment speaks of 2 k images).
+    recipe: the ``farm.recipes`` preset this config was filled in from (None: none); recorded only.
+    shared: the "shared" recipe's stage 1 (``farm.shared_start.SharedStartConfig``): one student for
+        all of a job's neurons, whose slice is each neuron's start instead of a fresh student (the
+        job trains it once; ``compress_neuron`` takes the slice as ``distilled``). None: a fresh
+        ``student_filters`` student per neuron.
     seed: the ONE seed of a compression: the student's initialization and the batch orders of
         distill, retrain and iterative retrains derive from it and the neuron id (the ``seed`` fields
         inside ``distill`` and ``retrain`` are replaced by derived seeds).
@@ -97,10 +104,14 @@ class CompressConfig:
     prune: PruneConfig = field(default_factory=PruneConfig)
     retrain: DistillConfig = field(default_factory=DistillConfig)
     iterative_retrain_images: int = 2000
+    recipe: str | None = None
+    shared: SharedStartConfig | None = None
     seed: int = 0
     eval_batch_size: int = 256
 
     def __post_init__(self):
+        if isinstance(self.shared, dict):
+            self.shared = SharedStartConfig.from_dict(self.shared)
         self.student_filters = tuple(int(k) for k in self.student_filters)
         if len(self.student_filters) != 5 or min(self.student_filters) < 1:
             raise ValueError(f"CompressConfig.student_filters must be 5 positive ints, got {self.student_filters}")
@@ -123,6 +134,8 @@ class CompressConfig:
             "prune": self.prune.to_dict(),
             "retrain": self.retrain.to_dict(),
             "iterative_retrain_images": self.iterative_retrain_images,
+            "recipe": self.recipe,
+            "shared": None if self.shared is None else self.shared.to_dict(),
             "seed": self.seed,
             "eval_batch_size": self.eval_batch_size,
         }
@@ -132,6 +145,7 @@ class CompressConfig:
         """Inverse of ``to_dict``; nested sections may be partial (missing keys keep defaults)."""
         if not isinstance(d, dict):
             raise ValueError(f"CompressConfig.from_dict: expected a mapping, got {type(d).__name__}")
+        d = resolve_recipe(d)
         unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"unknown CompressConfig fields: {sorted(unknown)}")

@@ -222,7 +222,20 @@ def read_yaml(path: str | Path) -> dict:
 def load_job_config(path: str | Path | None = None, overrides: list[str] | None = None) -> JobConfig:
     d = read_yaml(path) if path else {}
     d = apply_overrides(d, overrides)
-    return _from_dict(JobConfig, d, str(path or "config"))
+    cfg = _from_dict(JobConfig, d, str(path or "config"))
+    check_compress_section(cfg.compress, str(path or "config"))
+    return cfg
+
+
+def check_compress_section(section: dict, where: str) -> None:
+    """Fail at load, before any data, teacher or Ray work, on a compress section that the neuron
+    tasks would refuse (unknown keys, bad values, an unknown recipe)."""
+    from farm.compress import CompressConfig
+
+    try:
+        CompressConfig.from_dict(section)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{where}: compress: {e}") from e
 
 
 def dump_job_config(cfg: JobConfig, path: str | Path) -> None:

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from farm.data.images import recenter, tensor_view
-from farm.models.compact import CompactModel
+from farm.models.compact import CompactModel, rescale_outputs_
 
 log = logging.getLogger(__name__)
 
@@ -424,6 +424,9 @@ class DistillConfig:
         lose most of its R² (measured: 0.2-0.45 vs 0.6-0.65 at 16 px after 400 steps). Only these
         statistics change: training uses batch statistics, so the weights are the same either way.
     eval_batch_size: batch size of predictions on the evaluation images.
+    standardize_targets: train on per-neuron z-scored targets (mean 0, SD 1 over the training
+        images) and rescale the readout at the end (exact: it is linear), so the model still outputs
+        the teacher's units. The learning rate then means the same whatever the teacher's scale.
     """
 
     batch_size: int = 64
@@ -446,6 +449,7 @@ class DistillConfig:
     eval_every_images: int | None = None
     bn_recalibrate_images: int = 1024
     eval_batch_size: int = 256
+    standardize_targets: bool = False
 
     def __post_init__(self):
         self.betas = tuple(float(b) for b in self.betas)
@@ -635,10 +639,25 @@ def distill(student: CompactModel, images: np.ndarray, targets: np.ndarray | Non
             raise ValueError("distill: targets are required unless config.augment is on")
         targets = _targets_array(targets, n, "distill: targets")[:, None]
     eval_images, eval_targets = _check_eval(eval_images, eval_targets, 1, "distill")
+    scale = None
+    if config.standardize_targets and targets is not None:
+        targets, eval_targets, scale = _standardized(targets, eval_targets)
     history, steps, seconds = _fit(student, lambda: smooth_kernels_(student, config.smooth_sigma), images,
                                    targets, config, device, callback, eval_images, eval_targets, teacher, columns)
+    if scale is not None:
+        rescale_outputs_(student, *scale)
     return DistillResult(model=student, history=history, steps=steps, images_seen=steps * config.batch_size,
                          seconds=seconds)
+
+
+def _standardized(targets: np.ndarray, eval_targets: np.ndarray | None):
+    """(z-scored targets, eval targets on the same scale, (mean, sd)) per column of (N, n)."""
+    mu = targets.astype(np.float64).mean(axis=0)
+    sd = targets.astype(np.float64).std(axis=0)
+    sd = np.where(sd > 0, sd, 1.0)
+    z = ((targets - mu) / sd).astype(np.float32)
+    ez = None if eval_targets is None else ((eval_targets - mu) / sd).astype(np.float32)
+    return z, ez, (mu, sd)
 
 
 def _fit(net: torch.nn.Module, smooth: Callable[[], object], images: np.ndarray, targets: np.ndarray | None,
@@ -913,7 +932,14 @@ def distill_many(students: list[CompactModel], images: np.ndarray, targets: np.n
     eval_images, eval_targets = _check_eval(eval_images, eval_targets, pack.n, "distill_many")
     if pack.n == 1 and eval_targets is not None:
         eval_targets = eval_targets.reshape(-1, 1)
+    scale = None
+    if config.standardize_targets and targets is not None:
+        targets, eval_targets, scale = _standardized(targets, eval_targets)
     history, steps, seconds = _fit(pack, lambda: pack.smooth_(config.smooth_sigma), images, targets, config,
                                    device, callback, eval_images, eval_targets, teacher, columns)
-    return DistillManyResult(models=pack.unpack(), history=history, steps=steps,
+    models = pack.unpack()
+    if scale is not None:
+        for j, m in enumerate(models):
+            rescale_outputs_(m, scale[0][j:j + 1], scale[1][j:j + 1])
+    return DistillManyResult(models=models, history=history, steps=steps,
                              images_seen=steps * config.batch_size, seconds=seconds)

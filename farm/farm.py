@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from farm.recipes import resolve_recipe
 from farm.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -130,6 +131,10 @@ class NeuronInputs:
     real: optional per-session real data {"images": (M,H,W,3), "responses": (n_neurons_in_session,
     M, repeats), "has_repeats": bool, "neuron_ids": [...]} keyed by session id.
     ground_truth_heldout: optional float32 (n_heldout, n_neurons) true rates (simulated data).
+    shared_start: optional shared student (a factorized-readout CompactModel over these neurons, the
+        "shared" recipe's stage 1): each neuron starts from its slice instead of a fresh student.
+    teacher_real: optional {neuron id: {"teacher_r2_er" or "teacher_r2_raw": value}}, the teacher's
+        score on the same recorded images as the compact model's, logged next to it.
     """
 
     neuron_ids: list
@@ -139,11 +144,15 @@ class NeuronInputs:
     heldout_targets: Any
     real: dict = field(default_factory=dict)
     ground_truth_heldout: Any = None
+    shared_start: Any = None
+    teacher_real: dict = field(default_factory=dict)
 
 
 def neuron_params(neuron_id: str, compress_cfg: dict, seed: int) -> dict:
-    prune = compress_cfg.get("prune", {}) if isinstance(compress_cfg, dict) else {}
+    compress_cfg = resolve_recipe(compress_cfg) if isinstance(compress_cfg, dict) else {}
+    prune = compress_cfg.get("prune", {})
     return {"neuron_id": neuron_id, "session": neuron_id.split(":", 1)[0],
+            "recipe": compress_cfg.get("recipe") or "custom",
             "tau": prune.get("tau", 0.9), "criterion": prune.get("criterion", "reconstruction"),
             "seed": seed}
 
@@ -233,6 +242,7 @@ def _log_compressed(neuron_id: str, result, inputs: NeuronInputs, params: dict, 
         pred = CompactTeacher([result.model()], neuron_ids=[neuron_id]).predict(inputs.heldout_images)
         gt_r2 = float(r2_raw(inputs.ground_truth_heldout[:, col][None], pred[:, 0][None])[0])
     metrics = result_metrics(result, gt_r2)
+    metrics.update((inputs.teacher_real or {}).get(neuron_id, {}))
     rid = log_result(tracker, parent_run_id, result, params, metrics, register=register)
     return {"neuron_id": neuron_id, "status": "FINISHED", "run_id": rid, "seconds": time.time() - t0, **metrics}
 
@@ -262,7 +272,8 @@ def compress_group_and_log(neuron_ids: Sequence[str], inputs: NeuronInputs, comp
     its own pruning or logging), never the task."""
     import torch
 
-    from farm.compress import CompressConfig, check_inputs, compress_neurons
+    from farm.compress import CompressConfig, check_inputs, compress_neuron, compress_neurons
+    from farm.models.compact import output_slice
 
     threads = task_threads()
     torch.set_num_threads(threads)  # workers are reused: fix the pool size per task (ecosystem §5a)
@@ -282,7 +293,22 @@ def compress_group_and_log(neuron_ids: Sequence[str], inputs: NeuronInputs, comp
     todo = [n for n in neuron_ids if n not in rows]
     t0 = time.time()
     results = []
-    if todo:
+    if todo and inputs.shared_start is not None:  # each neuron from its slice of the shared student
+        cfg = CompressConfig.from_dict({**compress_cfg, "seed": seed})
+        kept = []
+        for n in todo:
+            try:
+                col = inputs.neuron_ids.index(n)
+                results.append(compress_neuron(
+                    n, inputs.bank_images, inputs.bank_targets[:, col], inputs.heldout_images,
+                    inputs.heldout_targets[:, col], cfg, real=_real_data(inputs, n),
+                    device=resolve_device(device), threads=threads,
+                    distilled=output_slice(inputs.shared_start, n)))
+                kept.append(n)
+            except Exception as e:
+                rows[n] = _failed(n, e, tracker, parent_run_id, params[n])
+        todo = kept
+    elif todo:
         try:
             cols = [inputs.neuron_ids.index(n) for n in todo]
             cfg = CompressConfig.from_dict({**compress_cfg, "seed": seed})
@@ -329,7 +355,8 @@ def run_neurons(neurons: Sequence[str], inputs: NeuronInputs, compress_cfg: dict
     # Every array goes into the object store once; as top-level task arguments Ray hands them to
     # each task zero-copy (numpy arrays are read straight from shared memory).
     refs = [ray.put(a) for a in (inputs.bank_images, inputs.bank_targets, inputs.heldout_images,
-                                 inputs.heldout_targets, inputs.real or {}, inputs.ground_truth_heldout)]
+                                 inputs.heldout_targets, inputs.real or {}, inputs.ground_truth_heldout,
+                                 inputs.shared_start, inputs.teacher_real or {})]
     ids = list(inputs.neuron_ids)
     if int(pack) < 1:
         raise ValueError(f"farm.pack must be >= 1 (neurons per task), got {pack}")
@@ -384,9 +411,10 @@ def gather(pending: dict, desc: str, unit: str, progress: bool = True,
 
 
 def _neuron_task(group, neuron_ids, bank_images, bank_targets, heldout_images, heldout_targets,
-                 real, ground_truth_heldout, compress_cfg, seed, tracker, parent_run_id, device, register):
+                 real, ground_truth_heldout, shared_start, teacher_real, compress_cfg, seed, tracker,
+                 parent_run_id, device, register):
     inputs = NeuronInputs(neuron_ids, bank_images, bank_targets, heldout_images, heldout_targets,
-                          real, ground_truth_heldout)
+                          real, ground_truth_heldout, shared_start, teacher_real)
     return compress_group_and_log(group, inputs, compress_cfg, seed, tracker, parent_run_id, device, register)
 
 

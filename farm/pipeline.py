@@ -169,6 +169,7 @@ class PreparedJob:
     neuron_ids: list  # the teacher's neurons (columns of the response table)
     truth_filters: dict = field(default_factory=dict)  # neuron id -> true filter count (simulated)
     teacher_real_r2: dict = field(default_factory=dict)  # neuron id -> the teacher's R² on real data
+    shared_info: dict = field(default_factory=dict)  # the "shared" recipe's stage 1 (cost, R²), if any
 
 
 def progress_bar(desc: str, unit: str = "item"):
@@ -222,7 +223,7 @@ def prepare_job(cfg: JobConfig, tracker: Tracker | None = None, progress: bool =
         targets = resp.responses
     n_held = min(cfg.bank.heldout, len(images) // 2)
     train_idx, held_idx = split_heldout(len(images), n_held, cfg.seed)
-    real, teacher_r2 = {}, {}
+    real, teacher_r2, teacher_real = {}, {}, {}
     for s in sessions:
         if s.session_id in neuron_sessions and s.images_available and s.images.size:
             second = s.halves()[1]  # method.md §1.6: the second half evaluates
@@ -235,6 +236,7 @@ def prepare_job(cfg: JobConfig, tracker: Tracker | None = None, progress: bool =
             key = "r2_er" if s.has_repeats else "r2_raw"
             for j, i in enumerate(rows):
                 teacher_r2[s.neuron_ids[i]] = float(ev[key][j])
+                teacher_real[s.neuron_ids[i]] = {f"teacher_{key}": float(ev[key][j])}
     gt = None
     filters = {}
     if truth is not None:
@@ -242,8 +244,56 @@ def prepare_job(cfg: JobConfig, tracker: Tracker | None = None, progress: bool =
         gt = sub.predict(images[held_idx])
         filters = sub.filter_counts
     inputs = NeuronInputs(list(teacher.neuron_ids), images[train_idx], targets[train_idx],
-                          images[held_idx], targets[held_idx], real, gt)
-    return PreparedJob(inputs, tinfo, resp.bank_id, list(teacher.neuron_ids), filters, teacher_r2)
+                          images[held_idx], targets[held_idx], real, gt, teacher_real=teacher_real)
+    inputs.shared_start, shared_info = prepare_shared_start(cfg, inputs, f"{tinfo['teacher_id']}|{resp.bank_id}")
+    return PreparedJob(inputs, tinfo, resp.bank_id, list(teacher.neuron_ids), filters, teacher_r2, shared_info)
+
+
+# -- stage 4 (the "shared" recipe): one shared student for all neurons -------------------------------
+def prepare_shared_start(cfg: JobConfig, inputs: NeuronInputs, source_id: str):
+    """The shared student the neurons start from (``compress.shared``, e.g. ``recipe: shared``), trained
+    once on the driver for every neuron of the teacher and cached under ``out_dir/shared`` keyed by
+    its config, the teacher, the bank and the seed. Returns (model, info) or (None, {}) when the
+    recipe has no shared stage."""
+    import hashlib
+
+    import torch
+
+    from farm.compress import CompressConfig
+    from farm.models.compact import load_compact, save_compact
+    from farm.shared_start import distill_shared
+
+    ccfg = CompressConfig.from_dict(cfg.compress)
+    if ccfg.shared is None:
+        return None, {}
+    if ccfg.shared.path:
+        from farm.shared_start import load_shared_start
+
+        return load_shared_start(ccfg.shared.path, inputs.neuron_ids), {"path": str(ccfg.shared.path)}
+    key = json.dumps({"shared": ccfg.shared.to_dict(), "source": source_id, "seed": cfg.seed,
+                      "neurons": list(inputs.neuron_ids), "n_train": len(inputs.bank_images)}, sort_keys=True)
+    d = Path(cfg.out_dir) / "shared" / hashlib.blake2b(key.encode(), digest_size=8).hexdigest()
+    if (d / "shared.json").is_file():
+        return load_compact(d / "model"), json.loads((d / "shared.json").read_text())
+    threads = max(1, int(cfg.farm.local_num_cpus or os.cpu_count() or 1))
+    torch.set_num_threads(threads)
+    print(f"shared student {ccfg.shared.filters} for {len(inputs.neuron_ids)} neurons "
+          f"({ccfg.shared.distill.total_images(len(inputs.bank_images)):,} images, {threads} threads) ...",
+          flush=True)
+    res = distill_shared(inputs.neuron_ids, inputs.bank_images, inputs.bank_targets, ccfg.shared, seed=cfg.seed,
+                         eval_images=inputs.heldout_images, eval_targets=inputs.heldout_targets)
+    r2 = res.history[-1].get("eval_r2") if res.history else None
+    r2 = [r2] if isinstance(r2, float) else r2
+    save_compact(res.model, d / "model")
+    info = {"seconds": res.seconds, "cpu_seconds": res.cpu_seconds, "steps": res.steps,
+            "r2_teacher_heldout": r2, "config": ccfg.shared.to_dict(), "neuron_ids": list(inputs.neuron_ids)}
+    tmp = d / "shared.json.tmp"
+    tmp.write_text(json.dumps(info, indent=1))
+    tmp.replace(d / "shared.json")  # the marker last: a half-written cache is never taken for a finished one
+    if r2:
+        print(f"shared student: {res.seconds:.0f} s, median R² to the teacher on held-out images "
+              f"{float(np.median(r2)):.3f}", flush=True)
+    return res.model, info
 
 
 # -- the jobs ---------------------------------------------------------------------------------------
@@ -292,7 +342,7 @@ def run_compress_job(cfg: JobConfig, progress: bool = True, prepared: PreparedJo
             "neurons_failed": sum(r.get("status") == "FAILED" for r in rows),
             "median_param_count": statistics.median(s["param_count"] for s in summary),
             "median_r2_teacher_heldout": statistics.median(s["r2_teacher_heldout"] for s in summary),
-            "job_seconds": time.time() - t0})
+            "job_seconds": time.time() - t0, **_shared_metrics(prepared)})
     tracker.end_run(parent, "FINISHED")
     result = JobResult(job_id, parent, rows, sorted(done))
     result.summary = sorted(summary, key=lambda s: _neuron_key(s["neuron_id"]))
@@ -363,6 +413,18 @@ def run_demo(out_dir: str = "farm_runs/demo", overrides: list[str] | None = None
 def _neuron_key(nid: str):
     s, _, i = nid.partition(":")
     return (s, int(i) if i.isdigit() else i)
+
+
+def _shared_metrics(prepared: PreparedJob) -> dict:
+    """The shared student's cost and fit, for the job run (the "shared" recipe)."""
+    info = prepared.shared_info or {}
+    out = {}
+    if "cpu_seconds" in info:
+        out["shared_cpu_seconds"] = info["cpu_seconds"]
+        out["shared_cpu_seconds_per_neuron"] = info["cpu_seconds"] / max(1, len(info.get("neuron_ids") or [1]))
+    if info.get("r2_teacher_heldout"):
+        out["shared_median_r2_teacher_heldout"] = float(np.median(info["r2_teacher_heldout"]))
+    return out
 
 
 def _job_params(cfg: JobConfig, prepared: PreparedJob) -> dict:

@@ -67,8 +67,13 @@ def distill_cached(neuron_id: str, inputs: NeuronInputs, compress_cfg: dict, see
     col = list(inputs.neuron_ids).index(neuron_id)
     cfg = CompressConfig.from_dict({**compress_cfg, "seed": seed})
     t0 = time.time()
-    model = distill_neuron(neuron_id, inputs.bank_images, inputs.bank_targets[:, col], cfg,
-                           device=resolve_device(device), threads=task_threads())
+    if inputs.shared_start is not None:  # the "shared" recipe: the neuron's slice is its start
+        from farm.models.compact import output_slice
+
+        model = output_slice(inputs.shared_start, neuron_id)
+    else:
+        model = distill_neuron(neuron_id, inputs.bank_images, inputs.bank_targets[:, col], cfg,
+                               device=resolve_device(device), threads=task_threads())
     r2 = squared_pearson(predict(model, inputs.heldout_images), inputs.heldout_targets[:, col])
     save_compact(model, d)
     info = {"neuron_id": neuron_id, "r2_teacher_distilled": float(r2), "seconds": time.time() - t0,
@@ -173,8 +178,7 @@ def run_sweep(neurons: Sequence[str], inputs: NeuronInputs, compress_cfg: dict, 
     if progress:
         print(f"sweep: distilling {len(neurons)} neuron(s) once (cached in {cache_dir}) ...", flush=True)
     refs = [ray.put(a) for a in (inputs.bank_images, inputs.bank_targets, inputs.heldout_images,
-                                 inputs.heldout_targets)]
-    shared = NeuronInputs(list(inputs.neuron_ids), *refs)
+                                 inputs.heldout_targets, inputs.shared_start)]
     remote = ray.remote(_distill_task).options(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=3)
     infos = {i["neuron_id"]: i for i in ray.get([
         remote.remote(n, list(inputs.neuron_ids), *refs, compress_cfg, seed, cache_dir, device)
@@ -213,7 +217,6 @@ def run_sweep(neurons: Sequence[str], inputs: NeuronInputs, compress_cfg: dict, 
                                                                  if search == "grid" else len(neurons) * samples)]
                                       if progress else None))
     grid = tuner.fit()
-    del shared
 
     # 3. per neuron: Pareto front and chosen model
     out = []
@@ -249,6 +252,7 @@ def run_sweep(neurons: Sequence[str], inputs: NeuronInputs, compress_cfg: dict, 
 
 
 def _distill_task(neuron_id, neuron_ids, bank_images, bank_targets, heldout_images, heldout_targets,
-                  compress_cfg, seed, cache_dir, device):
-    inputs = NeuronInputs(neuron_ids, bank_images, bank_targets, heldout_images, heldout_targets)
+                  shared_start, compress_cfg, seed, cache_dir, device):
+    inputs = NeuronInputs(neuron_ids, bank_images, bank_targets, heldout_images, heldout_targets,
+                          shared_start=shared_start)
     return distill_cached(neuron_id, inputs, compress_cfg, seed, cache_dir, device)

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -355,6 +356,25 @@ def output_slice(model: CompactModel, output: int | str) -> CompactModel:
     new.load_state_dict(dst)
     new.train(model.training)
     return new
+
+
+@torch.no_grad()
+def rescale_outputs_(model: CompactModel, mean, sd) -> CompactModel:
+    """Make ``model`` output ``out * sd + mean`` per output, in place (exact: the readout is linear).
+    mean, sd: one value per output. Returns ``model``."""
+    dev = next(model.parameters()).device
+    mu = torch.as_tensor(np.asarray(mean, np.float64).reshape(-1), device=dev)
+    s = torch.as_tensor(np.asarray(sd, np.float64).reshape(-1), device=dev)
+    if len(mu) != model.spec.n_outputs or len(s) != model.spec.n_outputs:
+        raise ValueError(f"rescale_outputs_: need one mean and SD per output ({model.spec.n_outputs}), "
+                         f"got {len(mu)} and {len(s)}")
+    if model.spec.readout == "dense":
+        model.readout.weight.mul_(s.to(model.readout.weight.dtype))
+        model.readout.bias.copy_((model.readout.bias.double() * s + mu).to(model.readout.bias.dtype))
+    else:
+        model.spatial.mul_(s.to(model.spatial.dtype)[:, None, None])
+        model.spatial_bias.copy_((model.spatial_bias.double() * s + mu).to(model.spatial_bias.dtype))
+    return model
 
 
 def save_compact(model: CompactModel, directory: str | Path) -> Path:

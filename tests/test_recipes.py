@@ -1,0 +1,123 @@
+"""Recipes (farm.recipes), standardized targets, the shared student (farm.shared_start) and its
+slices as per-neuron starts, on the simulated population."""
+
+import numpy as np
+import pytest
+import torch
+
+from farm.compress import CompressConfig, compress_neuron
+from farm.data.images import natural_like
+from farm.data.simulate import SimulationConfig, simulate_population
+from farm.distill import DistillConfig, distill, predict, split_heldout, squared_pearson
+from farm.models.compact import CompactSpec, build_compact, output_slice, rescale_outputs_
+from farm.recipes import RECIPES, compress_section, merge, resolve_recipe
+from farm.shared_start import SharedStartConfig, distill_shared, load_shared_start
+
+SIZE = 16
+
+
+@pytest.fixture(scope="module")
+def sim():
+    """6 ground-truth neurons (3-4 filters per layer) and 4,000 natural-like images labelled with
+    their true rates, 500 held out."""
+    pop = simulate_population(SimulationConfig(n_neurons=6, n_sessions=1, n_images=200, image_size=SIZE,
+                                               filters=(3, 4), seed=1))
+    images = natural_like(SIZE, 4000, np.random.default_rng(2))
+    rates = pop.ground_truth.predict(images).astype(np.float32)
+    train, held = split_heldout(len(images), 500, seed=0)
+    return {"ids": list(pop.neuron_ids), "x": images[train], "y": rates[train], "hx": images[held],
+            "hy": rates[held]}
+
+
+def test_resolve_recipe_fills_what_the_job_leaves_out():
+    job = {"recipe": "fast", "student_filters": [8] * 5, "distill": {"passes": 2}}
+    out = resolve_recipe(job)
+    assert out["distill"] == {**RECIPES["fast"]["distill"], "passes": 2}
+    assert out["student_filters"] == [8] * 5 and out["recipe"] == "fast"
+    job_wins = resolve_recipe({"recipe": "fast", "distill": {"lr": 1e-5}})
+    assert job_wins["distill"]["lr"] == 1e-5 and job_wins["distill"]["lr_schedule"] == "cosine"
+    assert resolve_recipe({"distill": {"lr": 1.0}}) == {"distill": {"lr": 1.0}}  # no recipe: unchanged
+    with pytest.raises(ValueError, match="compress.recipe: 'fastest' is not a recipe"):
+        resolve_recipe({"recipe": "fastest"})
+    cfg = CompressConfig.from_dict({"recipe": "paper"})
+    assert (cfg.distill.lr, cfg.distill.lr_schedule, cfg.recipe, cfg.shared) == (1e-4, "constant", "paper", None)
+    shared = CompressConfig.from_dict({"recipe": "shared", "shared": {"early_filters": 5}})
+    assert shared.shared.early_filters == 5 and shared.shared.distill.lr_schedule == "cosine"
+    assert CompressConfig.from_dict(shared.to_dict()) == shared
+    # benchmarks: the recipe over a job's section, then --set overrides
+    sec = compress_section({"recipe": "paper", "student_filters": [6] * 5}, "fast", ["retrain.passes=2"])
+    assert sec["retrain"]["passes"] == 2 and sec["distill"]["lr"] == 3e-3 and sec["student_filters"] == [6] * 5
+    assert merge({"a": {"b": 1, "c": 2}}, {"a": {"b": 3}}) == {"a": {"b": 3, "c": 2}}
+
+
+def test_rescale_outputs_is_exact_for_both_readouts():
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, SIZE, SIZE)
+    for spec in (CompactSpec(filters=(4,) * 5, image_size=SIZE),
+                 CompactSpec(filters=(4,) * 5, image_size=SIZE, readout="factorized", n_outputs=3)):
+        m = build_compact(spec, seed=0).eval()
+        before = m(x).detach().double()
+        mu, sd = np.arange(spec.n_outputs) + 1.5, np.arange(spec.n_outputs) + 0.5
+        rescale_outputs_(m, mu, sd)
+        np.testing.assert_allclose(m(x).detach().double().numpy(), (before * torch.tensor(sd) + torch.tensor(mu)).numpy(),
+                                   rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="one mean and SD per output"):
+        rescale_outputs_(m, [0.0], [1.0])
+
+
+def test_standardized_targets_train_in_teacher_units(sim):
+    """With standardize_targets, a teacher whose outputs are x100 + 50 trains the very same network
+    (its z-scores are the same) and the model outputs that teacher's units; without it, the same
+    learning rate on the raw x100 targets does not even reach their scale."""
+    cfg = DistillConfig(n_images=3200, batch_size=32, lr=3e-3, lr_schedule="cosine", standardize_targets=True,
+                        bn_recalibrate_images=256)
+    student = lambda: build_compact(CompactSpec(filters=(6,) * 5, image_size=SIZE), seed=0)  # noqa: E731
+    y = sim["y"][:, 0]
+    unit = predict(distill(student(), sim["x"], y, cfg).model, sim["hx"])
+    scaled = predict(distill(student(), sim["x"], y * 100 + 50, cfg).model, sim["hx"])
+    np.testing.assert_allclose(scaled, unit * 100 + 50, rtol=2e-3, atol=0.5)
+    t = sim["hy"][:, 0] * 100 + 50
+    assert abs(scaled.mean() - t.mean()) < 0.25 * t.std() and 0.5 < scaled.std() / t.std() < 1.5
+    raw_cfg = DistillConfig(**{**cfg.to_dict(), "standardize_targets": False})
+    raw = predict(distill(student(), sim["x"], y * 100 + 50, raw_cfg).model, sim["hx"])
+    mse = lambda p: float(np.mean((p - t) ** 2))  # noqa: E731
+    assert mse(raw) > 4 * mse(scaled)  # Adam's steps of ~lr cannot reach outputs of ~700 in 100 steps
+
+
+def test_shared_student_slices_are_each_neurons_output(sim, tmp_path):
+    cfg = SharedStartConfig(early_filters=6, late_filters=6,
+                            distill=DistillConfig(n_images=6400, batch_size=32, lr=3e-3, lr_schedule="cosine",
+                                                  bn_recalibrate_images=256))
+    res = distill_shared(sim["ids"], sim["x"], sim["y"], cfg, seed=0, eval_images=sim["hx"], eval_targets=sim["hy"])
+    shared = res.model
+    assert shared.spec.filters == (6, 6, 6, 6, 6) and shared.spec.neuron_ids == tuple(sim["ids"])
+    out = predict(shared, sim["hx"])  # (M, 6), in the teacher's units
+    r2 = [squared_pearson(out[:, j], sim["hy"][:, j]) for j in range(6)]
+    assert np.median(r2) > 0.3 and np.allclose(r2, res.history[-1]["eval_r2"], atol=1e-4)
+    assert abs(out.mean() - sim["hy"].mean()) < 0.3 * sim["hy"].std()
+    for j in (0, 5):
+        s = output_slice(shared, sim["ids"][j])
+        np.testing.assert_allclose(predict(s, sim["hx"]), out[:, j], rtol=1e-4, atol=1e-4)
+    # a saved shared model is a valid start; one that lacks the job's neurons is refused
+    from farm.models.compact import save_compact
+
+    save_compact(shared, tmp_path / "shared")
+    assert load_shared_start(tmp_path / "shared", sim["ids"][:2]).spec.n_outputs == 6
+    with pytest.raises(ValueError, match="not a shared model of this job's neurons"):
+        load_shared_start(tmp_path / "shared", ["other:0"])
+
+
+def test_fast_recipe_ends_closer_to_the_teacher_than_the_paper_recipe_at_equal_images(sim):
+    """The claim behind the default (benchmarks/README.md "Recipes at equal compute"), at test
+    scale: same student, same images seen, same pruning; only the recipe differs."""
+    def run(recipe, j):
+        section = compress_section({"student_filters": [6] * 5, "output_units": "spikes/100ms",
+                                    "distill": {"n_images": 4800, "batch_size": 32, "bn_recalibrate_images": 256},
+                                    "retrain": {"n_images": 1600, "batch_size": 32, "bn_recalibrate_images": 256}},
+                                   recipe)
+        cfg = CompressConfig.from_dict(section)
+        return compress_neuron(sim["ids"][j], sim["x"], sim["y"][:, j], sim["hx"], sim["hy"][:, j], cfg)
+
+    paper = [run("paper", j).r2_teacher_heldout for j in range(3)]
+    fast = [run("fast", j).r2_teacher_heldout for j in range(3)]
+    assert np.median(fast) > np.median(paper) + 0.05, (paper, fast)
