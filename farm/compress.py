@@ -84,6 +84,8 @@ class CompressConfig:
     output_units: what the teacher's (and so the student's) outputs mean, recorded in the spec.
     distill: the distillation run. prune: the pruning (``farm.prune.PruneConfig``). retrain: the
         retraining of the narrow model (same loop, fresh Adam; paper: the same as distill).
+    iterative_retrain_passes: with ``prune.iterative``, the short retrain after each layer as passes
+        over the training images (wins over ``iterative_retrain_images`` when set).
     iterative_retrain_images: with ``prune.iterative``, images seen by the short retrain after each
         layer (the paper's unimplemented header comment speaks of 2 k images).
     recipe: the ``farm.recipes`` preset this config was filled in from (None: none); recorded only.
@@ -104,6 +106,7 @@ class CompressConfig:
     prune: PruneConfig = field(default_factory=PruneConfig)
     retrain: DistillConfig = field(default_factory=DistillConfig)
     iterative_retrain_images: int = 2000
+    iterative_retrain_passes: float | None = None
     recipe: str | None = None
     shared: SharedStartConfig | None = None
     seed: int = 0
@@ -124,6 +127,9 @@ class CompressConfig:
         if self.iterative_retrain_images < 1:
             raise ValueError(f"CompressConfig.iterative_retrain_images must be >= 1, got "
                              f"{self.iterative_retrain_images}")
+        if self.iterative_retrain_passes is not None and not self.iterative_retrain_passes > 0:
+            raise ValueError(f"CompressConfig.iterative_retrain_passes must be > 0 or None, got "
+                             f"{self.iterative_retrain_passes}")
 
     def to_dict(self) -> dict:
         return {
@@ -134,6 +140,7 @@ class CompressConfig:
             "prune": self.prune.to_dict(),
             "retrain": self.retrain.to_dict(),
             "iterative_retrain_images": self.iterative_retrain_images,
+            "iterative_retrain_passes": self.iterative_retrain_passes,
             "recipe": self.recipe,
             "shared": None if self.shared is None else self.shared.to_dict(),
             "seed": self.seed,
@@ -383,11 +390,13 @@ def prune_and_retrain(distilled: CompactModel, neuron_id: str, images: np.ndarra
 
     retrain_hook = None
     if config.prune.iterative:
-        short = replace(config.retrain, n_images=config.iterative_retrain_images, seed=seeds["iterative"])
+        n_short = (math.ceil(config.iterative_retrain_passes * len(images)) if config.iterative_retrain_passes
+                   else config.iterative_retrain_images)
+        short = replace(config.retrain, n_images=n_short, seed=seeds["iterative"])
 
         def retrain_hook(model: CompactModel) -> CompactModel:
             return distill(model, images, targets, short, device=device,
-                           callback=_stage(progress, "iterative_retrain")).model
+                           callback=_stage(progress, "iterative_retrain"), trained=True).model
 
     prune_progress = None if progress is None else (lambda stage, info: progress("prune", {"stage": stage, **info}))
     t = time.perf_counter()
@@ -399,7 +408,7 @@ def prune_and_retrain(distilled: CompactModel, neuron_id: str, images: np.ndarra
     t = time.perf_counter()
     retrained = distill(pruned.model, images, targets, replace(config.retrain, seed=seeds["retrain"]),
                         device=device, callback=_stage(progress, "retrain"), eval_images=heldout_images,
-                        eval_targets=heldout_targets)
+                        eval_targets=heldout_targets, trained=True)
     timings["retrain_s"] = time.perf_counter() - t
     model = retrained.model
 

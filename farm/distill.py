@@ -599,7 +599,7 @@ def distill(student: CompactModel, images: np.ndarray, targets: np.ndarray | Non
             config: DistillConfig | None = None, device: str | torch.device = "cpu",
             threads: int | None = None, callback: Callable[[int, dict], None] | None = None,
             eval_images: np.ndarray | None = None, eval_targets: np.ndarray | None = None,
-            teacher=None, neuron_id: str | None = None) -> DistillResult:
+            teacher=None, neuron_id: str | None = None, trained: bool = False) -> DistillResult:
     """Train ``student`` (in place, moved to ``device``) to regress one neuron's teacher response.
 
     images: uint8 (N, H, W, 3), H = W = student.spec.image_size.
@@ -612,6 +612,10 @@ def distill(student: CompactModel, images: np.ndarray, targets: np.ndarray | Non
     eval_images, eval_targets: an evaluation set (e.g. held-out bank images and the teacher's
         responses) scored at every smoothing point and at the end.
     teacher, neuron_id: a Teacher and the neuron to re-query on augmented batches (augment only).
+    trained: the student is already trained (a retrain after pruning): with
+        ``config.standardize_targets`` its readout is first put into the z-scored units (the exact
+        inverse of the final rescaling), so training continues from the function it computes rather
+        than from outputs on the wrong scale, which the first steps would wreck the features to fix.
 
     Deterministic for ``config.seed`` on CPU with a fixed thread count.
     """
@@ -642,6 +646,9 @@ def distill(student: CompactModel, images: np.ndarray, targets: np.ndarray | Non
     scale = None
     if config.standardize_targets and targets is not None:
         targets, eval_targets, scale = _standardized(targets, eval_targets)
+        if trained:
+            student.to(device)
+            rescale_outputs_(student, -scale[0] / scale[1], 1.0 / scale[1])
     history, steps, seconds = _fit(student, lambda: smooth_kernels_(student, config.smooth_sigma), images,
                                    targets, config, device, callback, eval_images, eval_targets, teacher, columns)
     if scale is not None:

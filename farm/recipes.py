@@ -19,11 +19,13 @@ RECIPES: dict[str, dict[str, Any]] = {
         "retrain": {"lr": 1e-4, "lr_schedule": "constant", "batch_size": 64, "standardize_targets": False},
         "prune": {"tau": 0.9, "criterion": "reconstruction"},
     },
-    # one student per neuron, trained fast: z-scored targets, a high Adam rate annealed to 0.
+    # one student per neuron, trained fast: z-scored targets, a high Adam rate annealed to 0; pruned
+    # one layer at a time, each followed by a pass of retraining.
     "fast": {
         "distill": {"lr": 3e-3, "lr_schedule": "cosine", "standardize_targets": True},
         "retrain": {"lr": 1e-3, "lr_schedule": "cosine", "standardize_targets": True},
-        "prune": {"tau": 0.9, "criterion": "reconstruction"},
+        "prune": {"tau": 0.9, "criterion": "reconstruction", "iterative": True},
+        "iterative_retrain_passes": 1.0,
     },
     # one shared student for all the job's neurons (farm.shared_start), then per neuron: its slice,
     # pruned and retrained alone.
@@ -31,7 +33,8 @@ RECIPES: dict[str, dict[str, Any]] = {
         "shared": {"early_filters": 16, "late_filters": 32,
                    "distill": {"lr": 3e-3, "lr_schedule": "cosine", "standardize_targets": True}},
         "retrain": {"lr": 1e-3, "lr_schedule": "cosine", "standardize_targets": True},
-        "prune": {"tau": 0.9, "criterion": "reconstruction"},
+        "prune": {"tau": 0.9, "criterion": "reconstruction", "iterative": True},
+        "iterative_retrain_passes": 1.0,
     },
 }
 
