@@ -199,6 +199,44 @@ def test_compress_job_end_to_end_then_rerun_is_idempotent(tiny_base, local_ray, 
            {r.info.run_id for r in children}
 
 
+def test_a_shared_recipe_job_trains_one_shared_student_and_starts_each_neuron_from_its_slice(
+        tiny_base, local_ray, tmp_path):
+    """compress.recipe: shared. The driver distills ONE shared student for the teacher's neurons
+    (cached under out_dir/shared), every neuron task starts from its slice (its distilled R² is the
+    slice's), and the runs record the recipe, the teacher's score on the same recorded images and
+    the shared stage's cost."""
+    from farm.distill import predict, squared_pearson
+    from farm.models.compact import load_compact, output_slice
+    from farm.pipeline import prepare_job, run_compress_job
+
+    compress = {"recipe": "shared", "student_filters": [6] * 5, "iterative_retrain_passes": 0.2,
+                "shared": {"early_filters": 6, "late_filters": 6, "distill": {"passes": 2, "bn_recalibrate_images": 256}},
+                "retrain": {"passes": 1, "bn_recalibrate_images": 256}}
+    cfg = load_job_config(write_config(tmp_path, tiny_base, compress=compress))
+    res = run_compress_job(cfg, progress=False)
+    assert res.failed == [] and len(res.rows) == N_NEURONS
+    caches = list((Path(cfg.out_dir) / "shared").glob("*/shared.json"))
+    assert len(caches) == 1
+    info = json.loads(caches[0].read_text())
+    shared = load_compact(caches[0].parent / "model")
+    assert shared.spec.readout == "factorized" and list(shared.spec.neuron_ids) == info["neuron_ids"]
+
+    prepared = prepare_job(cfg)  # cached: the same shared student, not a second one
+    assert len(list((Path(cfg.out_dir) / "shared").glob("*/shared.json"))) == 1
+    inp = prepared.inputs
+    tracker = Tracker.open(cfg.tracking.uri, "tiny")
+    parent = tracker.client.get_run(res.parent_run_id).data.metrics
+    assert parent["shared_cpu_seconds"] == pytest.approx(info["cpu_seconds"])
+    assert parent["shared_median_r2_teacher_heldout"] == pytest.approx(float(np.median(info["r2_teacher_heldout"])))
+    for run in neuron_children(tracker, res.parent_run_id):
+        nid, m = run.data.tags[TAG_NEURON], run.data.metrics
+        assert run.info.status == "FINISHED" and run.data.params["recipe"] == "shared"
+        col = inp.neuron_ids.index(nid)
+        slice_r2 = squared_pearson(inp.heldout_targets[:, col], predict(output_slice(shared, nid), inp.heldout_images))
+        assert m["r2_teacher_distilled"] == pytest.approx(slice_r2, rel=1e-3, abs=1e-5)
+        assert "teacher_r2_er" in m and "r2_er" in m
+
+
 # -- failures ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_inputs(tiny_base):
