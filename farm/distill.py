@@ -668,12 +668,14 @@ def _standardized(targets: np.ndarray, eval_targets: np.ndarray | None):
 
 
 def _fit(net: torch.nn.Module, smooth: Callable[[], object], images: np.ndarray, targets: np.ndarray | None,
-         config: DistillConfig, device, callback, eval_images, eval_targets, teacher, columns):
+         config: DistillConfig, device, callback, eval_images, eval_targets, teacher, columns,
+         lr_scales: dict | None = None):
     """The training loop shared by ``distill`` and ``distill_many``.
 
     net(x) -> (B, n) outputs for n neurons; targets float32 (N, n) or None (augment: ``teacher``'s
     ``columns`` on every augmented batch); eval_targets (M, n). The loss is the sum over neurons of
     each neuron's MSE, so every neuron's parameters get exactly the gradient of its own MSE.
+    lr_scales: {parameter: factor} for parameters trained at ``factor`` x the run's rate (0 = frozen).
     Returns (history, steps, seconds).
     """
     n = len(images)
@@ -684,7 +686,16 @@ def _fit(net: torch.nn.Module, smooth: Callable[[], object], images: np.ndarray,
     if cuda and config.channels_last:
         net.to(memory_format=torch.channels_last)
     net.train()
-    opt = torch.optim.Adam(net.parameters(), lr=config.lr, betas=config.betas, eps=config.adam_eps)
+    scales = {id(p): float(f) for p, f in (lr_scales or {}).items()}
+    groups: dict[float, list] = {}
+    for p in net.parameters():
+        f = scales.get(id(p), 1.0)
+        if f > 0:
+            groups.setdefault(f, []).append(p)
+        else:
+            p.requires_grad_(False)
+    opt = torch.optim.Adam([{"params": ps, "lr": config.lr * f, "scale": f} for f, ps in groups.items()],
+                           lr=config.lr, betas=config.betas, eps=config.adam_eps)
 
     total_images = config.total_images(n)
     bs = config.batch_size
@@ -744,7 +755,7 @@ def _fit(net: torch.nn.Module, smooth: Callable[[], object], images: np.ndarray,
         loss = per_neuron.sum()
         if config.lr_schedule == "cosine":
             for group in opt.param_groups:
-                group["lr"] = config.lr * 0.5 * (1 + math.cos(math.pi * (step - 1) / total_steps))
+                group["lr"] = group["scale"] * config.lr * 0.5 * (1 + math.cos(math.pi * (step - 1) / total_steps))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if config.grad_clip is not None:
@@ -781,6 +792,8 @@ def _fit(net: torch.nn.Module, smooth: Callable[[], object], images: np.ndarray,
             loss_sum = None
             loss_count = 0
 
+    for p in net.parameters():
+        p.requires_grad_(True)
     if recal_idx is not None and eval_images is None:  # with an eval set it happened at the last step
         recalibrate_bn_(net, images_t[recal_idx.to(images_t.device)], config.eval_batch_size, dev)
     net.eval()

@@ -41,12 +41,20 @@ class SharedStartConfig:
         (``shared_compact_model_<K>filters.keras``, distilled from the paper's ensemble: a stage-1
         result made elsewhere) or a farm model folder (spec.json + state_dict.pt) with a factorized
         readout over the job's neurons. The widths and ``distill`` above are then unused.
+    init_from: train a new shared student whose early part (layers 0-2 and layer 3's depthwise
+        kernels) starts as that model's (a published shared compact model or a farm folder; its
+        early width must equal ``early_filters``); layers 3-4 and the readout start fresh at
+        ``late_filters``. Early filters distilled from the paper's 12 M images, narrow late layers
+        fitted here.
+    early_lr_scale: the early part's learning rate as a fraction of the run's (0 = frozen).
     """
 
     early_filters: int = 16
     late_filters: int = 32
     distill: DistillConfig = field(default_factory=DistillConfig)
     path: str | None = None
+    init_from: str | None = None
+    early_lr_scale: float = 1.0
 
     def __post_init__(self):
         if isinstance(self.distill, dict):
@@ -55,6 +63,8 @@ class SharedStartConfig:
             v = getattr(self, name)
             if int(v) != v or v < 1:
                 raise ValueError(f"SharedStartConfig.{name} must be an int >= 1, got {v!r}")
+        if not self.early_lr_scale >= 0:
+            raise ValueError(f"SharedStartConfig.early_lr_scale must be >= 0, got {self.early_lr_scale!r}")
 
     @property
     def filters(self) -> tuple[int, int, int, int, int]:
@@ -63,7 +73,8 @@ class SharedStartConfig:
 
     def to_dict(self) -> dict:
         return {"early_filters": self.early_filters, "late_filters": self.late_filters,
-                "distill": self.distill.to_dict(), "path": self.path}
+                "distill": self.distill.to_dict(), "path": self.path, "init_from": self.init_from,
+                "early_lr_scale": self.early_lr_scale}
 
     @classmethod
     def from_dict(cls, d: dict) -> "SharedStartConfig":
@@ -86,17 +97,42 @@ class SharedStartResult:
     cpu_seconds: float = 0.0
 
 
-def load_shared_start(path: str | Path, neuron_ids: Sequence[str]) -> CompactModel:
-    """A shared student made elsewhere (``SharedStartConfig.path``), checked to cover ``neuron_ids``."""
+EARLY = ("layer0_conv", "layer0_bn", "layer1_depth", "layer1_point", "layer1_bn", "layer2_depth", "layer2_point",
+         "layer2_bn", "layer3_depth")
+
+
+def _load_any(path: str | Path) -> CompactModel:
     p = Path(path)
     if p.suffix == ".keras":
         from farm.models.published import load_shared_compact
 
-        model = load_shared_compact(p)
-    else:
-        from farm.models.compact import load_compact
+        return load_shared_compact(p)
+    from farm.models.compact import load_compact
 
-        model = load_compact(p)
+    return load_compact(p)
+
+
+def copy_early_(model: CompactModel, source: CompactModel) -> list[torch.nn.Parameter]:
+    """Copy ``source``'s early part (layers 0-2 and layer 3's depthwise kernels) into ``model``, in
+    place; returns the copied parameters. The early widths must agree."""
+    if model.spec.filters[:3] != source.spec.filters[:3] or model.spec.image_size != source.spec.image_size:
+        raise ValueError(f"shared init_from: early widths {source.spec.filters[:3]} @ {source.spec.image_size} px "
+                         f"do not match the student's {model.spec.filters[:3]} @ {model.spec.image_size} px")
+    src = source.state_dict()
+    params = []
+    with torch.no_grad():
+        for name in EARLY:
+            mod = getattr(model, name)
+            for key, t in mod.state_dict().items():
+                t.copy_(src[f"{name}.{key}"])
+            params += list(mod.parameters())
+    return params
+
+
+def load_shared_start(path: str | Path, neuron_ids: Sequence[str]) -> CompactModel:
+    """A shared student made elsewhere (``SharedStartConfig.path``), checked to cover ``neuron_ids``."""
+    p = Path(path)
+    model = _load_any(p)
     missing = [n for n in neuron_ids if n not in model.spec.neuron_ids]
     if model.spec.readout != "factorized" or missing:
         raise ValueError(f"compress.shared.path {p}: not a shared model of this job's neurons (readout "
@@ -131,10 +167,23 @@ def distill_shared(neuron_ids: Sequence[str], images: np.ndarray, targets: np.nd
     spec = CompactSpec(filters=config.filters, image_size=images.shape[1], readout="factorized",
                        n_outputs=len(ids), neuron_ids=tuple(ids))
     model = build_compact(spec, seed=seed)
+    scales, frozen = None, []
+    if config.init_from:
+        early = copy_early_(model, _load_any(config.init_from))
+        scales = {p: config.early_lr_scale for p in early}
+        if config.early_lr_scale == 0:
+            frozen = [(p, p.detach().clone()) for p in early]
     cfg = config.distill
+
+    def smooth():
+        smooth_kernels_(model, cfg.smooth_sigma)
+        with torch.no_grad():  # frozen kernels stay as they came
+            for p, value in frozen:
+                p.copy_(value)
+
     t0 = time.process_time()
-    history, steps, seconds = _fit(model, lambda: smooth_kernels_(model, cfg.smooth_sigma), images, z, cfg,
-                                   device, callback, eval_images, ez, None, None)
+    history, steps, seconds = _fit(model, smooth, images, z, cfg,
+                                   device, callback, eval_images, ez, None, None, lr_scales=scales)
     rescale_outputs_(model, mu, sd)
     return SharedStartResult(model=model.cpu().eval(), history=history, steps=steps, seconds=seconds,
                              cpu_seconds=time.process_time() - t0)

@@ -143,3 +143,28 @@ def test_retraining_a_trained_model_on_standardized_targets_continues_from_its_f
     kept = squared_pearson(predict(distill(copy.deepcopy(model), sim["x"], y, short, trained=True).model, sim["hx"]), t)
     wrecked = squared_pearson(predict(distill(copy.deepcopy(model), sim["x"], y, short).model, sim["hx"]), t)
     assert kept > before - 0.1 and kept > wrecked + 0.2, (before, kept, wrecked)
+
+
+def test_a_shared_student_can_start_from_another_models_early_filters_frozen(sim, tmp_path):
+    """init_from + early_lr_scale 0: layers 0-2 (and layer 3's depthwise kernels) stay the source
+    model's exactly, the narrower late layers and readout are trained; a mismatched width is refused."""
+    from farm.models.compact import save_compact
+
+    fast = DistillConfig(n_images=1600, batch_size=32, lr=3e-3, lr_schedule="cosine", bn_recalibrate_images=256)
+    source = distill_shared(sim["ids"], sim["x"], sim["y"],
+                            SharedStartConfig(early_filters=5, late_filters=8, distill=fast), seed=0).model
+    save_compact(source, tmp_path / "src")
+    cfg = SharedStartConfig(early_filters=5, late_filters=4, distill=DistillConfig(**{**fast.to_dict(), "n_images": 4800}),
+                            init_from=str(tmp_path / "src"), early_lr_scale=0.0)
+    res = distill_shared(sim["ids"], sim["x"], sim["y"], cfg, seed=1, eval_images=sim["hx"], eval_targets=sim["hy"])
+    new, old = res.model.state_dict(), source.state_dict()
+    for key in old:
+        if key.split(".")[0] in ("layer0_conv", "layer1_depth", "layer1_point", "layer2_depth", "layer2_point",
+                                 "layer3_depth") or key.split(".")[0] in ("layer0_bn", "layer1_bn", "layer2_bn") \
+                and not key.endswith(("running_mean", "running_var", "num_batches_tracked")):
+            assert torch.equal(new[key], old[key]), key
+    assert res.model.spec.filters == (5, 5, 5, 4, 4) and all(p.requires_grad for p in res.model.parameters())
+    assert np.median(res.history[-1]["eval_r2"]) > 0.1
+    with pytest.raises(ValueError, match="early widths"):
+        distill_shared(sim["ids"], sim["x"], sim["y"], SharedStartConfig(early_filters=6, late_filters=4, distill=fast,
+                                                                         init_from=str(tmp_path / "src")))
