@@ -168,3 +168,24 @@ def test_a_shared_student_can_start_from_another_models_early_filters_frozen(sim
     with pytest.raises(ValueError, match="early widths"):
         distill_shared(sim["ids"], sim["x"], sim["y"], SharedStartConfig(early_filters=6, late_filters=4, distill=fast,
                                                                          init_from=str(tmp_path / "src")))
+
+
+def test_specialize_fits_narrow_late_layers_to_one_neurons_map_of_a_shared_student(sim):
+    """farm.specialize: the neuron's own narrow layers 3-4, fitted to its 8x8 feature map (per-pixel
+    targets), compose with the shared readout into a dense model that computes what the shared
+    model computes for that neuron, in its units."""
+    from farm.specialize import SpecializeConfig, specialize
+
+    fast = DistillConfig(n_images=6400, batch_size=32, lr=3e-3, lr_schedule="cosine", bn_recalibrate_images=256)
+    shared = distill_shared(sim["ids"], sim["x"], sim["y"], SharedStartConfig(early_filters=6, late_filters=8,
+                                                                             distill=fast), seed=0).model
+    nid = sim["ids"][4]
+    model, info = specialize(shared, nid, sim["x"], SpecializeConfig(late_filters=(6, 3), passes=10))
+    assert model.spec.filters == (6, 6, 6, 6, 3) and model.spec.readout == "dense" and model.spec.neuron_ids == (nid,)
+    assert torch.equal(model.layer1_depth.weight, shared.layer1_depth.weight)
+    want = predict(shared, sim["hx"])[:, 4]
+    got = predict(model, sim["hx"])
+    assert info["map_r2"] > 0.7 and squared_pearson(want, got) > 0.7, (info, squared_pearson(want, got))
+    assert abs(got.mean() - want.mean()) < 0.3 * want.std() and 0.6 < got.std() / want.std() < 1.4
+    with pytest.raises(ValueError, match="needs a shared"):
+        specialize(output_slice(shared, nid), nid, sim["x"])

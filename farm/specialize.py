@@ -1,0 +1,139 @@
+"""Specializing a shared student to one neuron: narrow late layers fitted to the neuron's feature MAP.
+
+A shared student's output k is ``sum_xy s_k[x, y] * T_k[x, y] + b`` with ``T_k = m_k . a4`` the
+neuron's mixing of the layer-4 maps (R x R, 28 x 28 at 112 px): a whole map of targets per image,
+not one number. ``specialize`` keeps the shared early part (layers 0-2 and layer 3's depthwise kernels),
+builds narrow layers 3-4 (``filters``) and fits them, with a 1x1 mixing of their K4 maps, to T on the
+bank's images (MSE per pixel weighted by s^2, the pixels the readout reads). The result is a dense
+single-neuron CompactModel whose readout is ``s x mixing``: exactly what the shared model computes
+when the fit is exact, at the narrow widths. Pruning and retraining on the teacher's scalar responses
+then go on as for any distilled student (``farm.compress.prune_and_retrain``).
+
+The layer-2 activations are computed once per image set (the early part is frozen here), so the fit
+runs on 28 x 28 maps and costs a small fraction of a distillation at 112 px. Plain PyTorch/NumPy.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from farm.data.images import recenter
+from farm.models.compact import CompactModel, CompactSpec, build_compact
+
+
+@dataclass(frozen=True)
+class SpecializeConfig:
+    """late_filters: widths (K3, K4) of the neuron's own layers 3-4. passes: passes over the
+    training images. lr: Adam rate (cosine to 0). batch_size: images per step."""
+
+    late_filters: tuple[int, int] = (16, 4)
+    passes: float = 20.0
+    lr: float = 3e-3
+    batch_size: int = 64
+    seed: int = 0
+
+    def __post_init__(self):
+        lf = tuple(int(k) for k in self.late_filters)
+        object.__setattr__(self, "late_filters", lf)
+        if len(lf) != 2 or min(lf) < 1:
+            raise ValueError(f"SpecializeConfig.late_filters must be two ints >= 1, got {self.late_filters}")
+        if not self.passes > 0 or not self.lr > 0 or self.batch_size < 1:
+            raise ValueError("SpecializeConfig: need passes > 0, lr > 0, batch_size >= 1")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["late_filters"] = list(self.late_filters)
+        return d
+
+
+@torch.no_grad()
+def _early_and_map(shared: CompactModel, index: int, images: np.ndarray, batch_size: int = 128):
+    """Layer-2 activations (N, K2, R, R) and the neuron's map T (N, R, R), float32 CPU."""
+    shared.eval()
+    dev = next(shared.parameters()).device
+    a2s, ts = [], []
+    for s in range(0, len(images), batch_size):
+        x = recenter(images[s:s + batch_size], dev)
+        for l in range(3):
+            x = shared.layer_act(l, x)
+        a2s.append(x.float().cpu())
+        a4 = shared.layer_act(4, shared.layer_act(3, x))
+        ts.append(torch.nn.functional.conv2d(a4, shared.mixing.weight[index:index + 1],
+                                             shared.mixing.bias[index:index + 1])[:, 0].float().cpu())
+    return torch.cat(a2s), torch.cat(ts)
+
+
+def specialize(shared: CompactModel, neuron_id: str, images: np.ndarray,
+               config: SpecializeConfig | None = None) -> tuple[CompactModel, dict]:
+    """The neuron's dense compact model with its own narrow layers 3-4 (see the module docstring).
+    Returns (model in eval mode on CPU, info: seconds, map_r2 = weighted R² of the fitted map)."""
+    config = config or SpecializeConfig()
+    spec = shared.spec
+    if spec.readout != "factorized" or neuron_id not in spec.neuron_ids:
+        raise ValueError(f"specialize: needs a shared (factorized) model with output {neuron_id!r}")
+    index = spec.neuron_ids.index(neuron_id)
+    t0 = time.perf_counter()
+    k3, k4 = config.late_filters
+    new_spec = CompactSpec(filters=(*spec.filters[:3], k3, k4), image_size=spec.image_size, readout="dense",
+                           n_outputs=1, activation=spec.activation, output_units=spec.output_units,
+                           neuron_ids=(neuron_id,))
+    model = build_compact(new_spec, seed=config.seed)
+    src = shared.state_dict()
+    with torch.no_grad():
+        for name in ("layer0_conv", "layer0_bn", "layer1_depth", "layer1_point", "layer1_bn", "layer2_depth",
+                     "layer2_point", "layer2_bn", "layer3_depth"):
+            for key, t in getattr(model, name).state_dict().items():
+                t.copy_(src[f"{name}.{key}"])
+    a2, target = _early_and_map(shared, index, images)
+    weight = (shared.spatial[index].detach().float().cpu() ** 2)
+    weight = weight / weight.sum()
+    mu, sd = target.mean(), target.std().clamp_min(1e-8)
+    z = (target - mu) / sd
+    mix = torch.nn.Conv2d(k4, 1, 1)
+    late = [model.layer3_point, model.layer3_bn, model.layer4_depth, model.layer4_point, model.layer4_bn]
+    params = [p for m in late for p in m.parameters()] + list(mix.parameters())
+    opt = torch.optim.Adam(params, lr=config.lr, eps=1e-7)
+    n = len(images)
+    steps = math.ceil(config.passes * n / config.batch_size)
+    gen = torch.Generator().manual_seed(int(config.seed))
+    model.train()
+    order, pos = torch.randperm(n, generator=gen), 0
+    for step in range(steps):
+        if pos + config.batch_size > n:
+            order, pos = torch.randperm(n, generator=gen), 0
+        idx = order[pos:pos + config.batch_size]
+        pos += config.batch_size
+        out = mix(model.layer_act(4, model.layer_act(3, a2[idx])))[:, 0]
+        loss = (((out - z[idx]) ** 2) * weight).sum(dim=(1, 2)).mean()
+        for g in opt.param_groups:
+            g["lr"] = config.lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        # BN statistics of the new layers as plain averages over the images (train-mode batches)
+        for bn in (model.layer3_bn, model.layer4_bn):
+            bn.reset_running_stats()
+            bn.momentum = None
+        model.train()
+        for s in range(0, n, 256):
+            model.layer_act(4, model.layer_act(3, a2[s:s + 256]))
+        for bn in (model.layer3_bn, model.layer4_bn):
+            bn.momentum = new_spec.bn_momentum
+        model.eval()
+        fit = mix(model.layer_act(4, model.layer_act(3, a2[:1024])))[:, 0]
+        resid = (((fit - z[:1024]) ** 2) * weight).sum() / (((z[:1024] - z[:1024].mean()) ** 2) * weight).sum()
+        # readout: out = sum_xy s * (sd * (mix . a4') + mu) + b  ->  dense maps s[x,y] * sd * mix_k
+        s_map = shared.spatial[index].detach().float().cpu()  # (R, R)
+        m = mix.weight.detach()[0, :, 0, 0]  # (K4,)
+        w = s_map[:, :, None] * (sd * m)[None, None, :]
+        model.readout.weight.copy_(w.reshape(1, -1))
+        bias = src["spatial_bias"][index].float().cpu() + s_map.sum() * (sd * mix.bias.detach()[0] + mu)
+        model.readout.bias.copy_(bias.reshape(1))
+    return model.eval(), {"seconds": time.perf_counter() - t0, "map_r2": float(1 - resid)}
