@@ -41,7 +41,7 @@ def run(args) -> list[dict]:
     from farm.compress import CompressConfig, RealData, compress_neuron
     from farm.config import load_job_config
     from farm.farm import parse_neuron_selection
-    from farm.models.compact import output_slice
+    from farm.specialize import neuron_start
     from farm.pipeline import prepare_job
     from farm.recipes import compress_section, shared_section
     from farm.shared_start import SharedStartConfig, distill_shared
@@ -61,7 +61,7 @@ def run(args) -> list[dict]:
             from farm.shared_start import load_shared_start
 
             model = load_shared_start(shared["path"], neurons)
-            starts = {n: output_slice(model, n) for n in neurons}
+            starts = {n: model for n in neurons}
         elif shared is not None:
             scfg = SharedStartConfig.from_dict(shared)
             # the shared student serves every neuron of the teacher (its cost is split over them all)
@@ -74,7 +74,7 @@ def run(args) -> list[dict]:
             print(f"[{recipe}] shared student {scfg.filters}: {res.cpu_seconds:.0f} CPU-s, "
                   f"{shared_cpu:.0f} per neuron; eval R2 median "
                   f"{np.median(res.history[-1]['eval_r2']):.3f}", flush=True)
-            starts = {n: output_slice(res.model, n) for n in neurons}
+            starts = {n: res.model for n in neurons}
         for nid in neurons:
             col = inp.neuron_ids.index(nid)
             sess = nid.split(":", 1)[0]
@@ -85,8 +85,9 @@ def run(args) -> list[dict]:
                 real = RealData(r["images"], r["responses"][i] if r["has_repeats"] else
                                 np.nanmean(r["responses"][i], axis=-1), r["has_repeats"])
             t = time.process_time()
+            start = neuron_start(starts[nid], nid, inp.bank_images, ccfg.specialize) if nid in starts else None
             res = compress_neuron(nid, inp.bank_images, inp.bank_targets[:, col], inp.heldout_images,
-                                  inp.heldout_targets[:, col], ccfg, real=real, distilled=starts.get(nid))
+                                  inp.heldout_targets[:, col], ccfg, real=real, distilled=start)
             cpu = time.process_time() - t + shared_cpu
             key = "r2_er" if (real is not None and real.has_repeats) else "r2_raw"
             row = _row(recipe, nid, res, cpu, prepared.teacher_real_r2.get(nid), key)

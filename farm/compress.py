@@ -35,11 +35,13 @@ from typing import Callable
 import numpy as np
 import torch
 
+from farm.dataclass_dict import check_keys
 from farm.distill import DistillConfig, DistillResult, distill, distill_many, predict, squared_pearson
 from farm.models.compact import CompactModel, CompactSpec, build_compact, load_compact, save_compact
 from farm.prune import PruneConfig, prune
 from farm.recipes import resolve_recipe
 from farm.shared_start import SharedStartConfig
+from farm.specialize import SpecializeConfig
 
 RESULT_FILE = "result.json"
 RESULT_FORMAT_VERSION = 1
@@ -93,6 +95,9 @@ class CompressConfig:
         all of a job's neurons, whose slice is each neuron's start instead of a fresh student (the
         job trains it once; ``compress_neuron`` takes the slice as ``distilled``). None: a fresh
         ``student_filters`` student per neuron.
+    specialize: with ``shared``, start each neuron from its own narrow layers 3-4 fitted to its
+        feature map of the shared student (``farm.specialize.SpecializeConfig``) instead of its
+        slice (which keeps the shared model's late widths). None: the slice.
     seed: the ONE seed of a compression: the student's initialization and the batch orders of
         distill, retrain and iterative retrains derive from it and the neuron id (the ``seed`` fields
         inside ``distill`` and ``retrain`` are replaced by derived seeds).
@@ -109,12 +114,17 @@ class CompressConfig:
     iterative_retrain_passes: float | None = None
     recipe: str | None = None
     shared: SharedStartConfig | None = None
+    specialize: SpecializeConfig | None = None
     seed: int = 0
     eval_batch_size: int = 256
 
     def __post_init__(self):
         if isinstance(self.shared, dict):
             self.shared = SharedStartConfig.from_dict(self.shared)
+        if isinstance(self.specialize, dict):
+            self.specialize = SpecializeConfig.from_dict(self.specialize)
+        if self.specialize is not None and self.shared is None:
+            raise ValueError("CompressConfig.specialize needs a shared student (compress.shared or recipe: shared)")
         self.student_filters = tuple(int(k) for k in self.student_filters)
         if len(self.student_filters) != 5 or min(self.student_filters) < 1:
             raise ValueError(f"CompressConfig.student_filters must be 5 positive ints, got {self.student_filters}")
@@ -143,6 +153,7 @@ class CompressConfig:
             "iterative_retrain_passes": self.iterative_retrain_passes,
             "recipe": self.recipe,
             "shared": None if self.shared is None else self.shared.to_dict(),
+            "specialize": None if self.specialize is None else self.specialize.to_dict(),
             "seed": self.seed,
             "eval_batch_size": self.eval_batch_size,
         }
@@ -153,10 +164,7 @@ class CompressConfig:
         if not isinstance(d, dict):
             raise ValueError(f"CompressConfig.from_dict: expected a mapping, got {type(d).__name__}")
         d = resolve_recipe(d)
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown CompressConfig fields: {sorted(unknown)}")
-        return cls(**d)
+        return cls(**check_keys(cls, d))
 
     def seeds(self, neuron_id: str | None = None) -> dict[str, int]:
         """The derived seeds: init, distill, retrain, iterative. With ``neuron_id``, they derive from
@@ -170,11 +178,7 @@ class CompressConfig:
 
 
 def _prune_config_from_dict(d: dict) -> PruneConfig:
-    names = {f.name for f in fields(PruneConfig)}
-    unknown = set(d) - names
-    if unknown:
-        raise ValueError(f"unknown PruneConfig fields: {sorted(unknown)}")
-    return PruneConfig(**d)
+    return PruneConfig(**check_keys(PruneConfig, d))
 
 
 @dataclass

@@ -25,7 +25,7 @@ import os
 import re
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from farm.dataclass_dict import check_keys
 from farm.data.images import recenter, tensor_view
 from farm.models.compact import CompactModel, rescale_outputs_
 
@@ -489,10 +490,7 @@ class DistillConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "DistillConfig":
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown DistillConfig fields: {sorted(unknown)}")
-        return cls(**d)
+        return cls(**check_keys(cls, d))
 
 
 @dataclass

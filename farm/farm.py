@@ -273,7 +273,7 @@ def compress_group_and_log(neuron_ids: Sequence[str], inputs: NeuronInputs, comp
     import torch
 
     from farm.compress import CompressConfig, check_inputs, compress_neuron, compress_neurons
-    from farm.models.compact import output_slice
+    from farm.specialize import neuron_start
 
     threads = task_threads()
     torch.set_num_threads(threads)  # workers are reused: fix the pool size per task (ecosystem §5a)
@@ -303,7 +303,7 @@ def compress_group_and_log(neuron_ids: Sequence[str], inputs: NeuronInputs, comp
                     n, inputs.bank_images, inputs.bank_targets[:, col], inputs.heldout_images,
                     inputs.heldout_targets[:, col], cfg, real=_real_data(inputs, n),
                     device=resolve_device(device), threads=threads,
-                    distilled=output_slice(inputs.shared_start, n)))
+                    distilled=neuron_start(inputs.shared_start, n, inputs.bank_images, cfg.specialize)))
                 kept.append(n)
             except Exception as e:
                 rows[n] = _failed(n, e, tracker, parent_run_id, params[n])

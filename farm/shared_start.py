@@ -17,13 +17,14 @@ Plain PyTorch/NumPy.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
+from farm.dataclass_dict import check_keys
 from farm.distill import (DistillConfig, _check_eval, _check_images, _fit, _standardized, _targets_matrix,
                           smooth_kernels_)
 from farm.models.compact import CompactModel, CompactSpec, build_compact, rescale_outputs_
@@ -78,10 +79,7 @@ class SharedStartConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "SharedStartConfig":
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown SharedStartConfig fields: {sorted(unknown)}")
-        return cls(**d)
+        return cls(**check_keys(cls, d))
 
 
 @dataclass

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from farm.dataclass_dict import check_keys
 from farm.data.images import recenter
 from farm.models.compact import CompactModel, CompactSpec, build_compact
 
@@ -49,6 +50,21 @@ class SpecializeConfig:
         d = asdict(self)
         d["late_filters"] = list(self.late_filters)
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SpecializeConfig":
+        return cls(**check_keys(cls, d))
+
+
+def neuron_start(shared: CompactModel, neuron_id: str, images: np.ndarray,
+                 config: "SpecializeConfig | None" = None) -> CompactModel:
+    """A neuron's start from a shared student: its exact slice, or with ``config`` its specialized
+    model (``specialize``)."""
+    if config is None:
+        from farm.models.compact import output_slice
+
+        return output_slice(shared, neuron_id)
+    return specialize(shared, neuron_id, images, config)[0]
 
 
 @torch.no_grad()

@@ -68,9 +68,9 @@ def distill_cached(neuron_id: str, inputs: NeuronInputs, compress_cfg: dict, see
     cfg = CompressConfig.from_dict({**compress_cfg, "seed": seed})
     t0 = time.time()
     if inputs.shared_start is not None:  # the "shared" recipe: the neuron's slice is its start
-        from farm.models.compact import output_slice
+        from farm.specialize import neuron_start
 
-        model = output_slice(inputs.shared_start, neuron_id)
+        model = neuron_start(inputs.shared_start, neuron_id, inputs.bank_images, cfg.specialize)
     else:
         model = distill_neuron(neuron_id, inputs.bank_images, inputs.bank_targets[:, col], cfg,
                                device=resolve_device(device), threads=task_threads())

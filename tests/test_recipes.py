@@ -44,6 +44,12 @@ def test_resolve_recipe_fills_what_the_job_leaves_out():
     shared = CompressConfig.from_dict({"recipe": "shared", "shared": {"early_filters": 5}})
     assert shared.shared.early_filters == 5 and shared.shared.distill.lr_schedule == "cosine"
     assert CompressConfig.from_dict(shared.to_dict()) == shared
+    spec = CompressConfig.from_dict({"recipe": "shared", "specialize": {"late_filters": [32, 8], "passes": 30}})
+    assert spec.specialize.late_filters == (32, 8) and CompressConfig.from_dict(spec.to_dict()) == spec
+    with pytest.raises(ValueError, match="specialize needs a shared student"):
+        CompressConfig.from_dict({"specialize": {"late_filters": [4, 2]}})
+    with pytest.raises(ValueError, match="unknown SpecializeConfig fields"):
+        CompressConfig.from_dict({"recipe": "shared", "specialize": {"late": [4, 2]}})
     # benchmarks: the recipe over a job's section, then --set overrides
     sec = compress_section({"recipe": "paper", "student_filters": [6] * 5}, "fast", ["retrain.passes=2"])
     assert sec["retrain"]["passes"] == 2 and sec["distill"]["lr"] == 3e-3 and sec["student_filters"] == [6] * 5
@@ -189,3 +195,6 @@ def test_specialize_fits_narrow_late_layers_to_one_neurons_map_of_a_shared_stude
     assert abs(got.mean() - want.mean()) < 0.3 * want.std() and 0.6 < got.std() / want.std() < 1.4
     with pytest.raises(ValueError, match="needs a shared"):
         specialize(output_slice(shared, nid), nid, sim["x"])
+    from farm.specialize import neuron_start
+
+    assert neuron_start(shared, nid, sim["x"]).spec.filters == (6, 6, 6, 8, 8)  # no config: the slice
