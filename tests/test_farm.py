@@ -682,7 +682,7 @@ def test_the_v4_190923_config_compresses_real_neurons(tiny_base, local_ray, tmp_
         assert m["r2_raw"] == pytest.approx(want, rel=1e-4, abs=1e-6)
         assert m["param_count"] == model.param_count()
         # the config's recipe: each neuron specialized from the published 10-early-filter shared model
-        assert run.data.params["recipe"] == "shared" and model.spec.filters[:3] <= (10, 10, 10)
+        assert run.data.params["recipe"] == "shared" and all(k <= 10 for k in model.spec.filters[:3])
         assert "teacher_r2_raw" in m
 
 
