@@ -43,7 +43,7 @@ def run(args) -> list[dict]:
     from farm.farm import parse_neuron_selection
     from farm.specialize import neuron_start
     from farm.pipeline import prepare_job
-    from farm.recipes import compress_section, shared_section
+    from farm.recipes import compress_section
     from farm.shared_start import SharedStartConfig, distill_shared
 
     torch.set_num_threads(args.threads)
@@ -54,7 +54,7 @@ def run(args) -> list[dict]:
     rows = []
     for recipe in args.recipes:
         section = compress_section(cfg.compress, recipe, args.set)
-        shared = shared_section(section)
+        shared = section.get("shared")
         ccfg = CompressConfig.from_dict({**section, "seed": cfg.seed})
         starts, shared_cpu = {}, 0.0
         if shared is not None and shared.get("path"):

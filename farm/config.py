@@ -10,7 +10,6 @@ unknown keys are refused by the component that owns them, naming the key.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
@@ -18,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from farm.dataclass_dict import apply_overrides as _apply_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / "configs"
@@ -178,25 +179,12 @@ def _from_dict(cls, d: dict, where: str):
     return cls(**kwargs)
 
 
-def _set_dotted(d: dict, dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    cur = d
-    for k in keys[:-1]:
-        cur = cur.setdefault(k, {})
-        if not isinstance(cur, dict):
-            raise ConfigError(f"override {dotted!r}: {k!r} is not a section")
-    cur[keys[-1]] = value
-
-
 def apply_overrides(d: dict, overrides: list[str] | None) -> dict:
     """``key.sub=value`` strings (value parsed as YAML) applied to a copy of ``d``."""
-    d = copy.deepcopy(d)
-    for o in overrides or []:
-        if "=" not in o:
-            raise ConfigError(f"override {o!r}: expected key=value (e.g. farm.num_cpus=2)")
-        k, v = o.split("=", 1)
-        _set_dotted(d, k.strip(), yaml.safe_load(v))
-    return d
+    try:
+        return _apply_overrides(d, overrides)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
 
 
 def resolve_config_path(path: str | Path) -> Path:

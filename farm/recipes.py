@@ -72,25 +72,9 @@ def resolve_recipe(section: dict) -> dict:
 def compress_section(base: dict, recipe: str, sets: list[str] | None = None) -> dict:
     """For benchmarks: ``base`` (a job's compress section) with ``recipe``'s keys put over it, then
     dotted ``key=value`` overrides (YAML values)."""
-    import yaml
+    from farm.dataclass_dict import apply_overrides
 
     if recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; choose one of {sorted(RECIPES)}")
     base = {k: v for k, v in dict(base or {}).items() if k not in ("recipe", "shared")}
-    out = merge(base, RECIPES[recipe])
-    out["recipe"] = recipe
-    for item in sets or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set {item!r}: expected key=value")
-        d = out
-        *parents, leaf = key.split(".")
-        for p in parents:
-            d = d.setdefault(p, {})
-        d[leaf] = yaml.safe_load(value)
-    return out
-
-
-def shared_section(section: dict) -> dict | None:
-    """The shared-start (stage 1) part of a resolved compress section, or None."""
-    return section.get("shared")
+    return apply_overrides({**merge(base, RECIPES[recipe]), "recipe": recipe}, sets)

@@ -24,7 +24,8 @@ import torch
 
 from farm.dataclass_dict import check_keys
 from farm.data.images import recenter
-from farm.models.compact import CompactModel, CompactSpec, build_compact
+from farm.models.compact import CompactModel, CompactSpec, build_compact, output_slice
+from farm.shared_start import copy_early_
 
 
 @dataclass(frozen=True)
@@ -61,8 +62,6 @@ def neuron_start(shared: CompactModel, neuron_id: str, images: np.ndarray,
     """A neuron's start from a shared student: its exact slice, or with ``config`` its specialized
     model (``specialize``)."""
     if config is None:
-        from farm.models.compact import output_slice
-
         return output_slice(shared, neuron_id)
     return specialize(shared, neuron_id, images, config)[0]
 
@@ -99,12 +98,8 @@ def specialize(shared: CompactModel, neuron_id: str, images: np.ndarray,
                            n_outputs=1, activation=spec.activation, output_units=spec.output_units,
                            neuron_ids=(neuron_id,))
     model = build_compact(new_spec, seed=config.seed)
+    copy_early_(model, shared)
     src = shared.state_dict()
-    with torch.no_grad():
-        for name in ("layer0_conv", "layer0_bn", "layer1_depth", "layer1_point", "layer1_bn", "layer2_depth",
-                     "layer2_point", "layer2_bn", "layer3_depth"):
-            for key, t in getattr(model, name).state_dict().items():
-                t.copy_(src[f"{name}.{key}"])
     a2, target = _early_and_map(shared, index, images)
     weight = (shared.spatial[index].detach().float().cpu() ** 2)
     weight = weight / weight.sum()
