@@ -1,0 +1,70 @@
+"""Probes on one real neuron's start from a published shared compact model (configs/v4_190923.yaml's
+cached stages; R² to the teacher on its held-out bank images, raw R² on 190923's second half).
+
+    python benchmarks/slice_probes.py prune --criterion reconstruction          # tau 0.9, then 1 retrain pass
+    python benchmarks/slice_probes.py prune --criterion ablation --delta 0.02
+    python benchmarks/slice_probes.py specialize --late 32,8 --passes 30        # then 2 retrain passes at 1e-4
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+SHARED = "../shared/models/published/shared_compact_models/from_ensemble_model/shared_compact_model_{k}filters.keras"
+
+
+def main(argv=None):
+    import torch
+
+    from farm.config import load_job_config
+    from farm.distill import DistillConfig, distill, predict, squared_pearson
+    from farm.metrics import evaluate_predictions
+    from farm.models.compact import output_slice
+    from farm.pipeline import prepare_job
+    from farm.prune import PruneConfig, prune
+    from farm.shared_start import load_shared_start
+    from farm.specialize import SpecializeConfig, specialize
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("probe", choices=["prune", "specialize"])
+    p.add_argument("--k", type=int, default=10, help="early filters of the published shared model")
+    p.add_argument("--neuron", default="190923:0")
+    p.add_argument("--criterion", default="reconstruction")
+    p.add_argument("--delta", type=float, default=0.01)
+    p.add_argument("--late", default="32,8")
+    p.add_argument("--passes", type=float, default=30)
+    p.add_argument("--threads", type=int, default=1)
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    inp = prepare_job(load_job_config("v4_190923")).inputs
+    col = inp.neuron_ids.index(a.neuron)
+    x, y, hx, hy = inp.bank_images, inp.bank_targets[:, col], inp.heldout_images, inp.heldout_targets[:, col]
+    rd = inp.real[a.neuron.split(":")[0]]
+    resp = rd["responses"][rd["neuron_ids"].index(a.neuron)]
+    resp = np.nanmean(resp, axis=-1) if resp.ndim == 2 else resp
+    shared = load_shared_start(SHARED.format(k=a.k), [a.neuron])
+
+    def report(what, model):
+        raw = float(evaluate_predictions(resp[None], predict(model, rd["images"])[None], False)["r2_raw"][0])
+        print(f"{what}: filters {model.spec.filters}, params {model.spec.param_count():,}, R² to the teacher "
+              f"{squared_pearson(hy, predict(model, hx)):.3f}, raw R² {raw:.3f}", flush=True)
+
+    retrain = DistillConfig(passes=1 if a.probe == "prune" else 2, batch_size=32, lr=1e-4, lr_schedule="cosine",
+                            standardize_targets=True, smooth_every_images=500_000, smooth_at_end=False)
+    if a.probe == "prune":
+        start = output_slice(shared, a.neuron)
+        report("slice", start)
+        model = prune(start, hx, hy, PruneConfig(tau=0.9, criterion=a.criterion, delta=a.delta)).model
+        report(f"pruned ({a.criterion})", model)
+    else:
+        model, info = specialize(shared, a.neuron, x, SpecializeConfig(late_filters=tuple(map(int, a.late.split(","))),
+                                                                      passes=a.passes))
+        report(f"specialized (map R² {info['map_r2']:.3f})", model)
+    report("retrained", distill(model, x, y, retrain, trained=True).model)
+
+
+if __name__ == "__main__":
+    main()
