@@ -37,6 +37,10 @@ def main(argv=None):
     p.add_argument("--late", default="32,8")
     p.add_argument("--passes", type=float, default=30)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--map-from", choices=["shared", "teacher"], default="shared",
+                   help="specialize to the shared model's map or to the (shared-compact) teacher's")
+    p.add_argument("--retrain-passes", type=float, default=2)
+    p.add_argument("--retrain-lr", type=float, default=1e-4)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     inp = prepare_job(load_job_config("v4_190923")).inputs
@@ -52,7 +56,8 @@ def main(argv=None):
         print(f"{what}: filters {model.spec.filters}, params {model.spec.param_count():,}, R² to the teacher "
               f"{squared_pearson(hy, predict(model, hx)):.3f}, raw R² {raw:.3f}", flush=True)
 
-    retrain = DistillConfig(passes=1 if a.probe == "prune" else 2, batch_size=32, lr=1e-4, lr_schedule="cosine",
+    retrain = DistillConfig(passes=1 if a.probe == "prune" else a.retrain_passes, batch_size=32,
+                            lr=a.retrain_lr, lr_schedule="cosine",
                             standardize_targets=True, smooth_every_images=500_000, smooth_at_end=False)
     if a.probe == "prune":
         start = output_slice(shared, a.neuron)
@@ -60,8 +65,11 @@ def main(argv=None):
         model = prune(start, hx, hy, PruneConfig(tau=0.9, criterion=a.criterion, delta=a.delta)).model
         report(f"pruned ({a.criterion})", model)
     else:
+        target = None
+        if a.map_from == "teacher":
+            target = load_shared_start(SHARED.format(k=200), [a.neuron])
         model, info = specialize(shared, a.neuron, x, SpecializeConfig(late_filters=tuple(map(int, a.late.split(","))),
-                                                                      passes=a.passes))
+                                                                      passes=a.passes), target=target)
         report(f"specialized (map R² {info['map_r2']:.3f})", model)
     report("retrained", distill(model, x, y, retrain, trained=True).model)
 

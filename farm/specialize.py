@@ -31,13 +31,16 @@ from farm.shared_start import copy_early_
 @dataclass(frozen=True)
 class SpecializeConfig:
     """late_filters: widths (K3, K4) of the neuron's own layers 3-4. passes: passes over the
-    training images. lr: Adam rate (cosine to 0). batch_size: images per step."""
+    training images. lr: Adam rate (cosine to 0). batch_size: images per step. flip: add each
+    image's left-right mirror to the training images (the target map is the shared model's own, so
+    any image is a training image; a pass then covers twice as many)."""
 
     late_filters: tuple[int, int] = (16, 4)
     passes: float = 20.0
     lr: float = 3e-3
     batch_size: int = 64
     seed: int = 0
+    flip: bool = False
 
     def __post_init__(self):
         lf = tuple(int(k) for k in self.late_filters)
@@ -46,6 +49,8 @@ class SpecializeConfig:
             raise ValueError(f"SpecializeConfig.late_filters must be two ints >= 1, got {self.late_filters}")
         if not self.passes > 0 or not self.lr > 0 or self.batch_size < 1:
             raise ValueError("SpecializeConfig: need passes > 0, lr > 0, batch_size >= 1")
+        if not isinstance(self.flip, bool):
+            raise ValueError(f"SpecializeConfig.flip must be true or false, got {self.flip!r}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -67,31 +72,50 @@ def neuron_start(shared: CompactModel, neuron_id: str, images: np.ndarray,
 
 
 @torch.no_grad()
-def _early_and_map(shared: CompactModel, index: int, images: np.ndarray, batch_size: int = 128):
-    """Layer-2 activations (N, K2, R, R) and the neuron's map T (N, R, R), float32 CPU."""
+def _early(shared: CompactModel, images: np.ndarray, batch_size: int = 128) -> torch.Tensor:
+    """Layer-2 activations (N, K2, R, R), float32 CPU."""
     shared.eval()
     dev = next(shared.parameters()).device
-    a2s, ts = [], []
+    out = []
     for s in range(0, len(images), batch_size):
         x = recenter(images[s:s + batch_size], dev)
         for l in range(3):
             x = shared.layer_act(l, x)
-        a2s.append(x.float().cpu())
-        a4 = shared.layer_act(4, shared.layer_act(3, x))
-        ts.append(torch.nn.functional.conv2d(a4, shared.mixing.weight[index:index + 1],
-                                             shared.mixing.bias[index:index + 1])[:, 0].float().cpu())
-    return torch.cat(a2s), torch.cat(ts)
+        out.append(x.float().cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def neuron_map(model: CompactModel, index: int, images: np.ndarray, batch_size: int = 64) -> torch.Tensor:
+    """Output ``index``'s map T = m . a4 (N, R, R) of a factorized model, float32 CPU."""
+    model.eval()
+    dev = next(model.parameters()).device
+    out = []
+    for s in range(0, len(images), batch_size):
+        x = recenter(images[s:s + batch_size], dev)
+        for l in range(5):
+            x = model.layer_act(l, x)
+        out.append(torch.nn.functional.conv2d(x, model.mixing.weight[index:index + 1],
+                                              model.mixing.bias[index:index + 1])[:, 0].float().cpu())
+    return torch.cat(out)
 
 
 def specialize(shared: CompactModel, neuron_id: str, images: np.ndarray,
-               config: SpecializeConfig | None = None) -> tuple[CompactModel, dict]:
+               config: SpecializeConfig | None = None, target: CompactModel | None = None,
+               target_map: torch.Tensor | None = None) -> tuple[CompactModel, dict]:
     """The neuron's dense compact model with its own narrow layers 3-4 (see the module docstring).
-    Returns (model in eval mode on CPU, info: seconds, map_r2 = weighted R² of the fitted map)."""
+    ``target``: another factorized model with this output (e.g. a shared-compact TEACHER) whose map
+    and spatial readout are fitted instead of ``shared``'s own (``target_map``: its precomputed map
+    on ``images``). Returns (model in eval mode on CPU, info: seconds, map_r2 = weighted R² of the
+    fitted map)."""
     config = config or SpecializeConfig()
     spec = shared.spec
-    if spec.readout != "factorized" or neuron_id not in spec.neuron_ids:
-        raise ValueError(f"specialize: needs a shared (factorized) model with output {neuron_id!r}")
-    index = spec.neuron_ids.index(neuron_id)
+    target = shared if target is None else target
+    for what, m in (("shared", shared), ("target", target)):
+        if m.spec.readout != "factorized" or neuron_id not in m.spec.neuron_ids:
+            raise ValueError(f"specialize: needs a shared (factorized) model with output {neuron_id!r} "
+                             f"as {what}, got a {m.spec.readout} one with outputs {m.spec.neuron_ids[:3]}...")
+    index = target.spec.neuron_ids.index(neuron_id)
     t0 = time.perf_counter()
     k3, k4 = config.late_filters
     new_spec = CompactSpec(filters=(*spec.filters[:3], k3, k4), image_size=spec.image_size, readout="dense",
@@ -99,13 +123,23 @@ def specialize(shared: CompactModel, neuron_id: str, images: np.ndarray,
                            neuron_ids=(neuron_id,))
     model = build_compact(new_spec, seed=config.seed)
     copy_early_(model, shared)
-    src = shared.state_dict()
-    a2, target = _early_and_map(shared, index, images)
-    weight = (shared.spatial[index].detach().float().cpu() ** 2)
+    src = target.state_dict()
+    if config.flip:
+        images = np.concatenate([images, np.asarray(images)[:, :, ::-1]])
+        target_map = None if target_map is None else torch.cat([target_map, target_map.flip(-1)])
+    a2 = _early(shared, images)
+    tmap = neuron_map(target, index, images) if target_map is None else target_map.float()
+    if tmap.shape[1:] != shared.spatial.shape[1:]:
+        raise ValueError(f"specialize: target map {tuple(tmap.shape[1:])} != shared model's "
+                         f"{tuple(shared.spatial.shape[1:])}")
+    target_map = tmap
+    weight = (target.spatial[index].detach().float().cpu() ** 2)
     weight = weight / weight.sum()
-    mu, sd = target.mean(), target.std().clamp_min(1e-8)
-    z = (target - mu) / sd
-    mix = torch.nn.Conv2d(k4, 1, 1)
+    mu, sd = target_map.mean(), target_map.std().clamp_min(1e-8)
+    z = (target_map - mu) / sd
+    with torch.random.fork_rng(devices=[]):  # the mixing's init is seeded too: same config, same model
+        torch.manual_seed(int(config.seed))
+        mix = torch.nn.Conv2d(k4, 1, 1)
     late = [model.layer3_point, model.layer3_bn, model.layer4_depth, model.layer4_point, model.layer4_bn]
     params = [p for m in late for p in m.parameters()] + list(mix.parameters())
     opt = torch.optim.Adam(params, lr=config.lr, eps=1e-7)
@@ -141,7 +175,7 @@ def specialize(shared: CompactModel, neuron_id: str, images: np.ndarray,
         fit = mix(model.layer_act(4, model.layer_act(3, a2[:1024])))[:, 0]
         resid = (((fit - z[:1024]) ** 2) * weight).sum() / (((z[:1024] - z[:1024].mean()) ** 2) * weight).sum()
         # readout: out = sum_xy s * (sd * (mix . a4') + mu) + b  ->  dense maps s[x,y] * sd * mix_k
-        s_map = shared.spatial[index].detach().float().cpu()  # (R, R)
+        s_map = target.spatial[index].detach().float().cpu()  # (R, R)
         m = mix.weight.detach()[0, :, 0, 0]  # (K4,)
         w = s_map[:, :, None] * (sd * m)[None, None, :]
         model.readout.weight.copy_(w.reshape(1, -1))

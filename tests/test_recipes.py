@@ -195,6 +195,19 @@ def test_specialize_fits_narrow_late_layers_to_one_neurons_map_of_a_shared_stude
     assert abs(got.mean() - want.mean()) < 0.3 * want.std() and 0.6 < got.std() / want.std() < 1.4
     with pytest.raises(ValueError, match="needs a shared"):
         specialize(output_slice(shared, nid), nid, sim["x"])
+    with pytest.raises(ValueError, match="needs a shared.*as target"):
+        specialize(shared, nid, sim["x"], target=output_slice(shared, nid))
+    # the target's map, given explicitly, is the default target; mirrored images add training images
+    from farm.specialize import neuron_map
+
+    cfg = SpecializeConfig(late_filters=(6, 3), passes=5)
+    a = specialize(shared, nid, sim["x"], cfg)[0]
+    b = specialize(shared, nid, sim["x"], cfg, target=shared, target_map=neuron_map(shared, 4, sim["x"]))[0]
+    assert np.allclose(predict(a, sim["hx"]), predict(b, sim["hx"]), atol=1e-4)
+    flipped, finfo = specialize(shared, nid, sim["x"], SpecializeConfig(late_filters=(6, 3), passes=5, flip=True))
+    assert finfo["map_r2"] > 0.7 and squared_pearson(want, predict(flipped, sim["hx"])) > 0.7
+    with pytest.raises(ValueError, match="flip"):
+        SpecializeConfig(flip="yes")
     from farm.specialize import neuron_start
 
     assert neuron_start(shared, nid, sim["x"]).spec.filters == (6, 6, 6, 8, 8)  # no config: the slice
