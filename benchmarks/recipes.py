@@ -39,7 +39,7 @@ def run(args) -> list[dict]:
     import torch
 
     from farm.compress import CompressConfig, RealData, compress_neuron
-    from farm.config import load_job_config
+    from farm.config import apply_overrides, load_job_config, read_yaml
     from farm.farm import parse_neuron_selection
     from farm.specialize import neuron_start
     from farm.pipeline import prepare_job
@@ -48,12 +48,15 @@ def run(args) -> list[dict]:
 
     torch.set_num_threads(args.threads)
     cfg = load_job_config(args.config, args.override)
+    # the job's compress section as written (a recipe is put over what the job says, not over the
+    # job's resolved recipe)
+    job_section = apply_overrides(read_yaml(args.config), args.override).get("compress", {})
     prepared = prepare_job(cfg)
     inp = prepared.inputs
     neurons = parse_neuron_selection(args.neurons, inp.neuron_ids)
     rows = []
     for recipe in args.recipes:
-        section = compress_section(cfg.compress, recipe, args.set)
+        section = compress_section(job_section, recipe, args.set)
         shared = section.get("shared")
         ccfg = CompressConfig.from_dict({**section, "seed": cfg.seed})
         starts, shared_cpu = {}, 0.0

@@ -21,6 +21,8 @@ reproduces its published widths; a sweep over tau is only honest with the stated
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import math
 import os
@@ -35,7 +37,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from farm.dataclass_dict import check_keys
+from farm.dataclass_dict import from_dict, to_dict
 from farm.distill import DistillConfig, DistillResult, distill, distill_many, predict, squared_pearson
 from farm.models.compact import CompactModel, CompactSpec, build_compact, load_compact, save_compact
 from farm.prune import PruneConfig, prune
@@ -119,21 +121,15 @@ class CompressConfig:
     eval_batch_size: int = 256
 
     def __post_init__(self):
-        if isinstance(self.shared, dict):
-            self.shared = SharedStartConfig.from_dict(self.shared)
-        if isinstance(self.specialize, dict):
-            self.specialize = SpecializeConfig.from_dict(self.specialize)
+        for name, cls in (("shared", SharedStartConfig), ("specialize", SpecializeConfig), ("distill", DistillConfig),
+                          ("retrain", DistillConfig), ("prune", PruneConfig)):
+            if isinstance(getattr(self, name), dict):
+                setattr(self, name, from_dict(cls, getattr(self, name), f"CompressConfig.{name}"))
         if self.specialize is not None and self.shared is None:
             raise ValueError("CompressConfig.specialize needs a shared student (compress.shared or recipe: shared)")
         self.student_filters = tuple(int(k) for k in self.student_filters)
         if len(self.student_filters) != 5 or min(self.student_filters) < 1:
             raise ValueError(f"CompressConfig.student_filters must be 5 positive ints, got {self.student_filters}")
-        if isinstance(self.distill, dict):
-            self.distill = DistillConfig.from_dict(self.distill)
-        if isinstance(self.retrain, dict):
-            self.retrain = DistillConfig.from_dict(self.retrain)
-        if isinstance(self.prune, dict):
-            self.prune = _prune_config_from_dict(self.prune)
         if self.iterative_retrain_images < 1:
             raise ValueError(f"CompressConfig.iterative_retrain_images must be >= 1, got "
                              f"{self.iterative_retrain_images}")
@@ -142,29 +138,20 @@ class CompressConfig:
                              f"{self.iterative_retrain_passes}")
 
     def to_dict(self) -> dict:
-        return {
-            "student_filters": list(self.student_filters),
-            "image_size": self.image_size,
-            "output_units": self.output_units,
-            "distill": self.distill.to_dict(),
-            "prune": self.prune.to_dict(),
-            "retrain": self.retrain.to_dict(),
-            "iterative_retrain_images": self.iterative_retrain_images,
-            "iterative_retrain_passes": self.iterative_retrain_passes,
-            "recipe": self.recipe,
-            "shared": None if self.shared is None else self.shared.to_dict(),
-            "specialize": None if self.specialize is None else self.specialize.to_dict(),
-            "seed": self.seed,
-            "eval_batch_size": self.eval_batch_size,
-        }
+        return to_dict(self)
+
+    _config_prepare = staticmethod(resolve_recipe)  # the recipe's preset fills what the mapping leaves out
 
     @classmethod
-    def from_dict(cls, d: dict) -> "CompressConfig":
-        """Inverse of ``to_dict``; nested sections may be partial (missing keys keep defaults)."""
-        if not isinstance(d, dict):
-            raise ValueError(f"CompressConfig.from_dict: expected a mapping, got {type(d).__name__}")
-        d = resolve_recipe(d)
-        return cls(**check_keys(cls, d))
+    def from_dict(cls, d: "dict | CompressConfig", where: str = "compress") -> "CompressConfig":
+        """Inverse of ``to_dict``; nested sections may be partial (missing keys keep defaults), the
+        recipe's preset fills what the mapping leaves out (``farm.recipes``)."""
+        return d if isinstance(d, cls) else from_dict(cls, d, where)
+
+    @classmethod
+    def for_seed(cls, section: "dict | CompressConfig", seed: int, **changes) -> "CompressConfig":
+        """The section (a mapping or a CompressConfig) with the job's ``seed`` (and ``changes``)."""
+        return dataclasses.replace(cls.from_dict(section), seed=int(seed), **changes)
 
     def seeds(self, neuron_id: str | None = None) -> dict[str, int]:
         """The derived seeds: init, distill, retrain, iterative. With ``neuron_id``, they derive from
@@ -175,10 +162,6 @@ class CompressConfig:
             entropy.append(zlib.crc32(str(neuron_id).encode()))
         states = np.random.SeedSequence(entropy).generate_state(4)
         return dict(zip(("init", "distill", "retrain", "iterative"), (int(s) for s in states)))
-
-
-def _prune_config_from_dict(d: dict) -> PruneConfig:
-    return PruneConfig(**check_keys(PruneConfig, d))
 
 
 @dataclass

@@ -1,9 +1,13 @@
-"""One config system: typed dataclasses, YAML in and out, dotted command-line overrides.
+"""One config system: typed dataclasses down to the leaves, YAML in and out, typed dotted overrides.
 
-A job config composes the components' own configs (each component owns its defaults: the
-simulation's ``SimulationConfig``, the teacher's ``TeacherConfig``, the bank's ``BankConfig``,
-compression's ``CompressConfig``); here they stay plain dicts until the component parses them, so
-unknown keys are refused by the component that owns them, naming the key.
+A job config composes the components' own configs (each component owns its defaults and its range
+checks): ``compress`` IS a ``farm.compress.CompressConfig`` (with its distill / prune / retrain /
+shared / specialize sections), ``analysis.config`` an ``farm.analysis.AnalysisConfig``;
+``data.simulate``, ``bank.bank`` and ``teacher.config`` stay mappings at run time because the job
+fills some of their fields (the job's seed, the sessions' image size) but are checked at load as
+``SimulationConfig``, ``BankConfig`` and ``TeacherConfig``. ``load_job_config`` validates all of it
+before any data, teacher or Ray work: an unknown key, a wrong type or an out-of-range value raises a
+``ConfigError`` naming the file, the dotted key path, the value and what is allowed.
 
     cfg = load_job_config("configs/demo.yaml", overrides=["farm.num_cpus=2", "neurons=sim2:0-3"])
 """
@@ -12,19 +16,26 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
-from farm.dataclass_dict import apply_overrides as _apply_overrides
+from farm.dataclass_dict import ConfigValueError, apply_overrides as _apply_overrides, from_dict, to_dict
+
+from farm.analysis import AnalysisConfig
+from farm.compress import CompressConfig
+from farm.data.images import BankConfig
+from farm.data.simulate import SimulationConfig
+from farm.selection import check_selection
+from farm.teacher import TeacherConfig
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / "configs"
 
 
-class ConfigError(ValueError):
+class ConfigError(ConfigValueError):
     pass
 
 
@@ -36,7 +47,7 @@ class DataConfig:
     published release from ``source`` into ``dir``), or "sessions" (Parquet sessions already in ``dir``).
     """
 
-    kind: str = "simulated"
+    kind: Literal["simulated", "v4", "sessions"] = "simulated"
     dir: str = "farm_data/demo"
     source: str | None = None
     simulate: dict = field(default_factory=dict)
@@ -53,10 +64,14 @@ class TeacherSourceConfig:
     "ground_truth": the simulated population's true rates (for testing the compression alone).
     """
 
-    kind: str = "ensemble"
+    kind: Literal["ensemble", "saved", "shared_compact", "published_compact", "ground_truth"] = "ensemble"
     path: str | None = None
     session: str | None = None
-    config: Any = None
+    config: dict | str | None = None
+
+    def __post_init__(self):
+        if self.kind in ("saved", "shared_compact", "published_compact") and not self.path:
+            raise ValueError(f"kind {self.kind!r} needs a path")
 
 
 @dataclass
@@ -65,9 +80,13 @@ class BankSpec:
     with the given roles (never the evaluated session's), and the held-out split."""
 
     dir: str | None = None
-    source_roles: list = field(default_factory=lambda: ["train", "validation"])
+    source_roles: list[Literal["train", "validation", "test"]] = field(default_factory=lambda: ["train", "validation"])
     heldout: int = 500
     bank: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.heldout < 1:
+            raise ValueError(f"heldout must be >= 1 held-out image, got {self.heldout}")
 
 
 @dataclass
@@ -91,6 +110,21 @@ class FarmResources:
     local_num_cpus: int | None = None
     object_store_memory: int | None = None
 
+    def __post_init__(self):
+        for name, low in (("num_cpus", 0), ("num_gpus", 0)):
+            if getattr(self, name) < low:
+                raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
+        if self.num_cpus == 0 and self.num_gpus == 0:
+            raise ValueError("a neuron task needs num_cpus > 0 or num_gpus > 0")
+        for name in ("pack", "local_num_cpus"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_retries", "teacher_tasks_min_images"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):
+            raise ValueError(f"device must be auto, cpu, cuda, cuda:<i> or mps, got {self.device!r}")
+
 
 @dataclass
 class TrackingConfig:
@@ -104,13 +138,29 @@ class SweepConfig:
     """Ray Tune sweep of pruning thresholds from each neuron's cached distilled model."""
 
     neurons: str = ""
-    taus: list = field(default_factory=lambda: [0.8, 0.9, 0.95])
-    criteria: list = field(default_factory=lambda: ["reconstruction"])
-    search: str = "grid"
+    taus: list[float] = field(default_factory=lambda: [0.8, 0.9, 0.95])
+    criteria: list[Literal["reconstruction", "ablation"]] = field(default_factory=lambda: ["reconstruction"])
+    search: Literal["grid", "random"] = "grid"
     num_samples: int = 1
     eps: float = 0.02
     max_concurrent: int = 2
     max_failures: int = 2
+
+    def __post_init__(self):
+        if not self.taus or any(not 0 < t <= 1 for t in self.taus):
+            raise ValueError(f"taus must be a non-empty list of thresholds in (0, 1], got {self.taus}")
+        if not self.criteria:
+            raise ValueError("criteria must name at least one pruning criterion")
+        if self.neurons:
+            try:
+                check_selection(self.neurons)
+            except ValueError as e:
+                raise ValueError(f"neurons: {e}") from None
+        for name in ("num_samples", "max_concurrent"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.eps < 0 or self.max_failures < 0:
+            raise ValueError("eps and max_failures must be >= 0")
 
 
 @dataclass
@@ -127,7 +177,16 @@ class AnalyzeConfig:
     neurons: str = ""
     images: int = 2000
     top_k: int = 10
-    config: dict = field(default_factory=dict)
+    config: AnalysisConfig = field(default_factory=AnalysisConfig)
+
+    def __post_init__(self):
+        if self.neurons:
+            try:
+                check_selection(self.neurons)
+            except ValueError as e:
+                raise ValueError(f"neurons: {e}") from None
+        if self.images < 1 or self.top_k < 1:
+            raise ValueError(f"images and top_k must be >= 1, got {self.images}, {self.top_k}")
 
 
 @dataclass
@@ -140,17 +199,40 @@ class JobConfig:
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TeacherSourceConfig = field(default_factory=TeacherSourceConfig)
     bank: BankSpec = field(default_factory=BankSpec)
-    compress: dict = field(default_factory=dict)
+    compress: CompressConfig = field(default_factory=CompressConfig)
     farm: FarmResources = field(default_factory=FarmResources)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     analysis: AnalyzeConfig = field(default_factory=AnalyzeConfig)
 
+    def __post_init__(self):
+        try:
+            check_selection(self.neurons)
+        except ValueError as e:
+            raise ValueError(f"neurons: {e}") from None
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
+        # the mappings the job completes at run time, checked (and normalized) now
+        self.data.simulate = to_dict(from_dict(SimulationConfig, {"seed": self.seed, **self.data.simulate},
+                                               "data.simulate"))
+        given = dict(self.bank.bank)
+        bank = to_dict(from_dict(BankConfig, {"seed": self.seed, **given}, "bank.bank"))
+        self.bank.bank = {k: v for k, v in bank.items() if k != "image_size" or "image_size" in given}
+        if self.teacher.kind == "ensemble" and self.teacher.config is not None:
+            conf = self.teacher.config
+            if isinstance(conf, str):  # a teacher YAML file: checked now, read again when trained
+                conf = read_yaml(conf)
+            conf = dict(conf.get("teacher", conf))
+            checked = to_dict(from_dict(TeacherConfig, conf, "teacher.config"))
+            if isinstance(self.teacher.config, dict):
+                self.teacher.config = checked
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        return to_dict(self)
 
     def resolved_job_id(self) -> str:
-        """The given job id, else a stable hash of everything but tracking/resources."""
+        """The given job id, else a stable hash of the normalized config (defaults spelt out or not)
+        without tracking, resources and analysis."""
         if self.job_id:
             return self.job_id
         d = self.to_dict()
@@ -160,29 +242,11 @@ class JobConfig:
         return f"{self.name}-{digest}"
 
 
-def _from_dict(cls, d: dict, where: str):
-    if d is None:
-        return cls()
-    if not isinstance(d, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(d).__name__}")
-    names = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(d) - set(names))
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(names)}")
-    kwargs = {}
-    for k, v in d.items():
-        default = names[k].default_factory() if callable(names[k].default_factory) else names[k].default
-        if is_dataclass(default):
-            kwargs[k] = _from_dict(type(default), v, f"{where}.{k}")
-        else:
-            kwargs[k] = v
-    return cls(**kwargs)
-
-
 def apply_overrides(d: dict, overrides: list[str] | None) -> dict:
-    """``key.sub=value`` strings (value parsed as YAML) applied to a copy of ``d``."""
+    """``key.sub=value`` strings applied to a copy of ``d``, each value parsed against its field's
+    type (``neurons=190923:5`` stays text; ``farm.num_cpus=2`` is a number)."""
     try:
-        return _apply_overrides(d, overrides)
+        return _apply_overrides(d, overrides, JobConfig)
     except ValueError as e:
         raise ConfigError(str(e)) from e
 
@@ -208,22 +272,14 @@ def read_yaml(path: str | Path) -> dict:
 
 
 def load_job_config(path: str | Path | None = None, overrides: list[str] | None = None) -> JobConfig:
+    """The job config at ``path`` (or the defaults) with ``overrides``, validated to the leaves."""
     d = read_yaml(path) if path else {}
     d = apply_overrides(d, overrides)
-    cfg = _from_dict(JobConfig, d, str(path or "config"))
-    check_compress_section(cfg.compress, str(path or "config"))
-    return cfg
-
-
-def check_compress_section(section: dict, where: str) -> None:
-    """Fail at load, before any data, teacher or Ray work, on a compress section that the neuron
-    tasks would refuse (unknown keys, bad values, an unknown recipe)."""
-    from farm.compress import CompressConfig
-
+    where = str(resolve_config_path(path)) if path else "config"
     try:
-        CompressConfig.from_dict(section)
-    except (ValueError, TypeError) as e:
-        raise ConfigError(f"{where}: compress: {e}") from e
+        return from_dict(JobConfig, d, "")
+    except ConfigValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def dump_job_config(cfg: JobConfig, path: str | Path) -> None:

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from farm.dataclass_dict import check_keys
+from farm.dataclass_dict import from_dict, to_dict
 from farm.data.images import recenter, tensor_view
 from farm.models.compact import CompactModel, rescale_outputs_
 
@@ -484,13 +484,11 @@ class DistillConfig:
         return self.n_images if self.n_images is not None else math.ceil(self.passes * n_available)
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["betas"] = list(self.betas)
-        return d
+        return to_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "DistillConfig":
-        return cls(**check_keys(cls, d))
+        return from_dict(cls, d)
 
 
 @dataclass

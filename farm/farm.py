@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import tempfile
 import time
 import traceback
@@ -23,52 +22,13 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from farm.recipes import resolve_recipe
 from farm.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
 
-# -- neuron selection -------------------------------------------------------------------------------
-def parse_neuron_selection(selection: str | Sequence[str], available: Sequence[str]) -> list[str]:
-    """Neuron ids from a selection, in ``available`` order.
-
-    Items are separated by whitespace or ';': ``all``; ``<session>`` or ``<session>:*`` (all of a
-    session); ``<session>:<i>``, ``<session>:<a>-<b>`` (inclusive) or ``<session>:0-3,7``.
-    """
-    if not isinstance(selection, str):
-        selection = " ".join(selection)
-    avail = list(available)
-    by_session: dict[str, list[str]] = {}
-    for nid in avail:
-        by_session.setdefault(nid.split(":", 1)[0], []).append(nid)
-    chosen: set[str] = set()
-    items = [s for s in re.split(r"[\s;]+", selection.strip()) if s]
-    if not items:
-        raise ValueError("neuron selection is empty; use e.g. 'all' or '190923:0-9'")
-    for item in items:
-        if item == "all":
-            chosen.update(avail)
-            continue
-        session, _, spec = item.partition(":")
-        if session not in by_session:
-            raise ValueError(f"neuron selection {item!r}: no session {session!r} among the teacher's "
-                             f"neurons (sessions: {sorted(by_session)})")
-        if spec in ("", "*"):
-            chosen.update(by_session[session])
-            continue
-        for part in spec.split(","):
-            m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
-            if not m:
-                raise ValueError(f"neuron selection {item!r}: {part!r} is not an index or a range a-b")
-            a, b = int(m.group(1)), int(m.group(2) or m.group(1))
-            for i in range(a, b + 1):
-                nid = f"{session}:{i}"
-                if nid not in by_session[session]:
-                    raise ValueError(f"neuron selection {item!r}: {nid} is not one of the teacher's "
-                                     f"neurons ({len(by_session[session])} in session {session})")
-                chosen.add(nid)
-    return [n for n in avail if n in chosen]
+# -- neuron selection: farm.selection ---------------------------------------------------------------
+from farm.selection import parse_neuron_selection  # noqa: E402  (re-exported: farm.farm.parse_neuron_selection)
 
 
 # -- Ray set-up -------------------------------------------------------------------------------------
@@ -148,13 +108,15 @@ class NeuronInputs:
     teacher_real: dict = field(default_factory=dict)
 
 
-def neuron_params(neuron_id: str, compress_cfg: dict, seed: int) -> dict:
-    compress_cfg = resolve_recipe(compress_cfg) if isinstance(compress_cfg, dict) else {}
-    prune = compress_cfg.get("prune", {})
-    return {"neuron_id": neuron_id, "session": neuron_id.split(":", 1)[0],
-            "recipe": compress_cfg.get("recipe") or "custom",
-            "tau": prune.get("tau", 0.9), "criterion": prune.get("criterion", "reconstruction"),
-            "seed": seed}
+def neuron_params(neuron_id: str, compress_cfg: "dict | CompressConfig", seed: int) -> dict:
+    from farm.compress import CompressConfig
+
+    try:
+        cfg = CompressConfig.from_dict(compress_cfg)
+    except ValueError:  # logged for a failed neuron too, whatever its section
+        cfg = CompressConfig()
+    return {"neuron_id": neuron_id, "session": neuron_id.split(":", 1)[0], "recipe": cfg.recipe or "custom",
+            "tau": cfg.prune.tau, "criterion": cfg.prune.criterion, "seed": seed}
 
 
 def result_metrics(result, ground_truth_r2: float | None = None) -> dict:
@@ -294,7 +256,7 @@ def compress_group_and_log(neuron_ids: Sequence[str], inputs: NeuronInputs, comp
     t0 = time.time()
     results = []
     if todo and inputs.shared_start is not None:  # each neuron from its slice of the shared student
-        cfg = CompressConfig.from_dict({**compress_cfg, "seed": seed})
+        cfg = CompressConfig.for_seed(compress_cfg, seed)
         kept = []
         for n in todo:
             try:
@@ -311,7 +273,7 @@ def compress_group_and_log(neuron_ids: Sequence[str], inputs: NeuronInputs, comp
     elif todo:
         try:
             cols = [inputs.neuron_ids.index(n) for n in todo]
-            cfg = CompressConfig.from_dict({**compress_cfg, "seed": seed})
+            cfg = CompressConfig.for_seed(compress_cfg, seed)
             results = compress_neurons(todo, inputs.bank_images, inputs.bank_targets[:, cols],
                                        inputs.heldout_images, inputs.heldout_targets[:, cols], cfg,
                                        real=[_real_data(inputs, n) for n in todo], device=resolve_device(device),

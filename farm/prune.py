@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from farm.dataclass_dict import from_dict, to_dict
 from farm.data.images import recenter
 from farm.models.compact import CompactModel, CompactSpec, narrow, same_pad
 
@@ -97,7 +98,11 @@ class PruneConfig:
             raise ValueError(f"PruneConfig.batch_size must be an int >= 1, got {self.batch_size}")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PruneConfig":
+        return from_dict(cls, d)
 
 
 @dataclass

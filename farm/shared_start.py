@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from farm.dataclass_dict import check_keys
+from farm.dataclass_dict import from_dict, to_dict
 from farm.distill import (DistillConfig, _check_eval, _check_images, _fit, _standardized, _targets_matrix,
                           smooth_kernels_)
 from farm.models.compact import CompactModel, CompactSpec, build_compact, rescale_outputs_
@@ -59,7 +59,7 @@ class SharedStartConfig:
 
     def __post_init__(self):
         if isinstance(self.distill, dict):
-            self.distill = DistillConfig.from_dict(self.distill)
+            self.distill = from_dict(DistillConfig, self.distill, "SharedStartConfig.distill")
         for name in ("early_filters", "late_filters"):
             v = getattr(self, name)
             if int(v) != v or v < 1:
@@ -73,13 +73,11 @@ class SharedStartConfig:
         return (k, k, k, l, l)
 
     def to_dict(self) -> dict:
-        return {"early_filters": self.early_filters, "late_filters": self.late_filters,
-                "distill": self.distill.to_dict(), "path": self.path, "init_from": self.init_from,
-                "early_lr_scale": self.early_lr_scale}
+        return to_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "SharedStartConfig":
-        return cls(**check_keys(cls, d))
+        return from_dict(cls, d)
 
 
 @dataclass

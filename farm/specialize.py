@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from farm.dataclass_dict import check_keys
+from farm.dataclass_dict import from_dict, to_dict
 from farm.data.images import recenter
 from farm.models.compact import CompactModel, CompactSpec, build_compact, output_slice
 from farm.shared_start import copy_early_
@@ -53,13 +53,11 @@ class SpecializeConfig:
             raise ValueError(f"SpecializeConfig.flip must be true or false, got {self.flip!r}")
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["late_filters"] = list(self.late_filters)
-        return d
+        return to_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "SpecializeConfig":
-        return cls(**check_keys(cls, d))
+        return from_dict(cls, d)
 
 
 def neuron_start(shared: CompactModel, neuron_id: str, images: np.ndarray,

@@ -10,6 +10,7 @@ is at least (1 - eps) x the distilled model's. A sweep can be resumed (``Tuner.r
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -65,7 +66,7 @@ def distill_cached(neuron_id: str, inputs: NeuronInputs, compress_cfg: dict, see
     if info_path.is_file():
         return json.loads(info_path.read_text())
     col = list(inputs.neuron_ids).index(neuron_id)
-    cfg = CompressConfig.from_dict({**compress_cfg, "seed": seed})
+    cfg = CompressConfig.for_seed(compress_cfg, seed)
     t0 = time.time()
     if inputs.shared_start is not None:  # the "shared" recipe: the neuron's slice is its start
         from farm.specialize import neuron_start
@@ -97,9 +98,8 @@ def _trial(config: dict, inputs: NeuronInputs, compress_cfg: dict, seed: int, ca
     torch.set_num_threads(task_threads())
     nid, tau, criterion = config["neuron_id"], float(config["tau"]), config["criterion"]
     col = list(inputs.neuron_ids).index(nid)
-    cfg_dict = {**compress_cfg, "seed": seed}
-    cfg_dict["prune"] = {**cfg_dict.get("prune", {}), "tau": tau, "criterion": criterion}
-    cfg = CompressConfig.from_dict(cfg_dict)
+    base = CompressConfig.from_dict(compress_cfg)
+    cfg = CompressConfig.for_seed(base, seed, prune=dataclasses.replace(base.prune, tau=tau, criterion=criterion))
     distilled = load_compact(Path(cache_dir) / _slug(nid))
     result = prune_and_retrain(distilled, nid, inputs.bank_images, inputs.bank_targets[:, col],
                                inputs.heldout_images, inputs.heldout_targets[:, col], cfg,

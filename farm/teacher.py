@@ -42,6 +42,7 @@ import numpy as np
 import torch
 import yaml
 
+from farm.dataclass_dict import from_dict, to_dict
 from farm import metrics
 from farm.data.sessions import Session
 from farm.models.ensemble import (
@@ -196,16 +197,11 @@ class TeacherConfig:
 
     # -- conversions ----------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return asdict(self)
+        return to_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "TeacherConfig":
-        d = dict(d or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"TeacherConfig: unknown key(s) {unknown}; known: {sorted(known)}")
-        return cls(**d)
+        return from_dict(cls, d)
 
     @classmethod
     def load(cls, source: "str | Path | dict | TeacherConfig") -> "TeacherConfig":

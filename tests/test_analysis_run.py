@@ -90,9 +90,9 @@ def test_config_from_dict_round_trip_and_errors():
     cfg = AnalysisConfig.from_dict({"synth": {"n_steps": 7}, "analyses": ["dots"], "ablation_layers": [2, 3]})
     assert cfg.synth.n_steps == 7 and cfg.synth.n_restarts == 9 and cfg.analyses == ("dots",)
     assert AnalysisConfig.from_dict(cfg.to_dict()) == cfg
-    with pytest.raises(ValueError, match="unknown AnalysisConfig fields"):
+    with pytest.raises(ValueError, match=r"AnalysisConfig: unknown key\(s\) \[.synthh.\] \(.synthh. -> did you mean .synth.\?\)"):
         AnalysisConfig.from_dict({"synthh": {}})
-    with pytest.raises(ValueError, match="unknown AnalysisConfig.synth fields"):
+    with pytest.raises(ValueError, match=r"AnalysisConfig.synth: unknown key\(s\) \[.steps.\]"):
         AnalysisConfig.from_dict({"synth": {"steps": 3}})
     with pytest.raises(ValueError, match="unknown"):
         AnalysisConfig(analyses=("nope",))

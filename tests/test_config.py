@@ -1,5 +1,7 @@
 """The job config (YAML + dotted overrides) and the neuron selection grammar."""
 
+from pathlib import Path
+
 import pytest
 
 from farm.config import ConfigError, load_job_config
@@ -44,3 +46,69 @@ def test_neuron_selection_grammar():
         parse_neuron_selection("190923:a", IDS)
     with pytest.raises(ValueError, match="empty"):
         parse_neuron_selection(" ", IDS)
+
+
+BAD_OVERRIDES = [  # (override, what the message must name)
+    ("compress.student_filter=[4,4,4,4,4]", r"compress: unknown key\(s\) \['student_filter'\] \('student_filter' -> did you mean 'student_filters'\?\)"),
+    ("compress.prune.tau=1.5", r"compress.prune: PruneConfig.tau must be in \(0, 1\], got 1.5"),
+    ("compress.distill.passes=-1", r"compress.distill: DistillConfig.passes must be > 0, got -1"),
+    ("compress.distill.lr=fast", r"compress.distill.lr: got 'fast' \(str\), expected a number"),
+    ("compress.recipe=fastest", r"compress: compress.recipe: 'fastest' is not a recipe; choose one of"),
+    ("neurons=sim7:x", r"neurons: neuron selection 'sim7:x': 'x' is not an index"),
+    ("farm.num_cpus=[1]", r"farm.num_cpus: got \[1\] \(list\), expected a number"),
+    ("bank.bank.n_images=0", r"bank.bank: BankConfig.n_images must be >= 1, got 0"),
+    ("data.simulate.n_neuron=3", r"data.simulate: unknown key\(s\) \['n_neuron'\].*did you mean 'n_neurons'"),
+    ("teacher.kind=ensembel", r"teacher.kind: got 'ensembel' \(str\), expected one of 'ensemble', 'saved'"),
+    ("sweep.criteria=[reconstructon]", r"sweep.criteria\[0\]: got 'reconstructon'"),
+    ("analysis.config.synth.n_step=3", r"analysis.config.synth: unknown key\(s\) \['n_step'\].*did you mean 'n_steps'"),
+]
+
+
+@pytest.mark.parametrize("override,message", BAD_OVERRIDES, ids=[o for o, _ in BAD_OVERRIDES])
+def test_a_bad_value_anywhere_fails_at_load_naming_its_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_job_config("demo", [override])
+
+
+def test_overrides_are_parsed_against_the_fields_type():
+    # a str field takes the text as written: not the int 190923, not YAML 1.1's base-60 11455385
+    assert load_job_config("demo", ["neurons=190923"]).neurons == "190923"
+    assert load_job_config("demo", ["neurons=190923:5"]).neurons == "190923:5"
+    cfg = load_job_config("demo", ["farm.num_cpus=2", "compress.prune.tau=0.5", "teacher.session=190923",
+                                   "farm.address=null"])
+    assert cfg.farm.num_cpus == 2.0 and cfg.compress.prune.tau == 0.5 and cfg.teacher.session == "190923"
+    assert cfg.farm.address is None
+    with pytest.raises(ConfigError, match=r"override compress.distill.lr: value '\[1' is not valid YAML"):
+        load_job_config("demo", ["compress.distill.lr=[1"])
+
+
+def test_sections_are_the_components_dataclasses_and_the_job_id_ignores_spelt_out_defaults(tmp_path):
+    from farm.analysis import AnalysisConfig
+    from farm.compress import CompressConfig
+    from farm.config import dump_job_config
+
+    cfg = load_job_config("demo")
+    assert isinstance(cfg.compress, CompressConfig) and isinstance(cfg.analysis.config, AnalysisConfig)
+    assert cfg.compress.recipe == "fast" and cfg.compress.distill.standardize_targets is True
+    spelt = load_job_config("demo", ["compress.distill.adam_eps=1e-7", "data.simulate.gaudy_fraction="
+                                     f"{cfg.data.simulate['gaudy_fraction']}", f"seed={cfg.seed}"])
+    assert spelt.resolved_job_id() == cfg.resolved_job_id()
+    assert load_job_config("demo", ["compress.distill.adam_eps=1e-6"]).resolved_job_id() != cfg.resolved_job_id()
+    dump_job_config(cfg, tmp_path / "job.yaml")  # what a job writes is a config that loads to the same job
+    again = load_job_config(tmp_path / "job.yaml")
+    assert again == cfg and again.resolved_job_id() == cfg.resolved_job_id()
+
+
+def test_the_cli_refuses_a_bad_config_before_any_work_and_writes_nothing(tmp_path):
+    import subprocess
+    import sys
+
+    out, data = tmp_path / "out", tmp_path / "data"
+    for bad in ("compress.prune.tau=1.5", "neurons=sim7:x", "compress.student_filter=[4,4,4,4,4]"):
+        p = subprocess.run([sys.executable, "-m", "farm.cli", "compress", "--config", "configs/demo.yaml",
+                            f"out_dir={out}", f"data.dir={data}", f"tracking.uri=sqlite:///{tmp_path}/m.db", bad],
+                           capture_output=True, text=True, timeout=120, cwd=str(Path(__file__).resolve().parents[1]))
+        assert p.returncode == 2, (bad, p.stdout, p.stderr)
+        assert "farm: error:" in p.stderr and bad.split("=")[0].split(".")[-1] in p.stderr, p.stderr
+        assert "Traceback" not in p.stderr
+        assert list(tmp_path.iterdir()) == [], list(tmp_path.iterdir())

@@ -155,7 +155,7 @@ def test_missing_or_bad_files_and_configs_give_clear_errors(tmp_path):
         load_ground_truth(tmp_path)
     with pytest.raises(ValueError, match="repeats"):
         SimulationConfig(repeats=(5, 2))
-    with pytest.raises(ValueError, match="unknown SimulationConfig fields"):
+    with pytest.raises(ValueError, match=r"SimulationConfig: unknown key\(s\) \[.n_neuron.\] \(.n_neuron. -> did you mean .n_neurons.\?\)"):
         SimulationConfig.from_dict({"n_neuron": 3})
     with pytest.raises(ValueError, match="match"):
         GroundTruth([], ["a:0"], [])

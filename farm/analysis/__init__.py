@@ -32,6 +32,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from farm.dataclass_dict import from_dict, to_dict
 from farm.analysis import figures
 from farm.analysis.ablation import (AblationParams, AblationResult, CumulativeAblationResult, ablate,
                                     cumulative_ablation, dot_number_invariance, dot_size_invariance,
@@ -108,36 +109,12 @@ class AnalysisConfig:
                 raise ValueError(f"AnalysisConfig: ablation layers are paper layers 1..6, got {l}")
 
     def to_dict(self) -> dict:
-        out = {}
-        for f in fields(self):
-            v = getattr(self, f.name)
-            out[f.name] = {k: (list(x) if isinstance(x, tuple) else x) for k, x in vars(v).items()} \
-                if is_dataclass(v) else (list(v) if isinstance(v, tuple) else v)
-        return out
+        return to_dict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "AnalysisConfig":
+    def from_dict(cls, d: "dict | AnalysisConfig") -> "AnalysisConfig":
         """Build from a (YAML) dict; nested dicts override the defaults of each Params; unknown keys raise."""
-        base = cls()
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown AnalysisConfig fields: {sorted(unknown)}")
-        kwargs: dict[str, Any] = {}
-        for key, value in d.items():
-            default = getattr(base, key)
-            if is_dataclass(default):
-                if not isinstance(value, dict):
-                    raise ValueError(f"AnalysisConfig.{key} must be a mapping, got {type(value).__name__}")
-                sub = {f.name for f in fields(default)}
-                bad = set(value) - sub
-                if bad:
-                    raise ValueError(f"unknown AnalysisConfig.{key} fields: {sorted(bad)}")
-                value = replace(default, **{k: tuple(v) if isinstance(v, list) else v for k, v in value.items()})
-            elif isinstance(value, list):
-                value = tuple(value)
-            kwargs[key] = value
-        return cls(**kwargs)
+        return d if isinstance(d, cls) else from_dict(cls, d)
 
 
 def _finite(metrics: dict) -> dict[str, float]:

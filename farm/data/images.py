@@ -18,6 +18,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 from PIL import Image
+from farm.dataclass_dict import from_dict, to_dict
 
 log = logging.getLogger(__name__)
 
@@ -438,10 +439,7 @@ class BankConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "BankConfig":
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown BankConfig fields: {sorted(unknown)}")
-        return cls(**d)
+        return from_dict(cls, d)
 
     def kind_counts(self) -> dict[str, int]:
         """Exact image count per kind (largest remainder), in sorted kind order."""

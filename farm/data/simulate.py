@@ -42,6 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from farm.dataclass_dict import from_dict, to_dict
 from farm.data.images import gaudy, gaussian_filter, natural_like, recenter
 from farm.data.sessions import Session
 from farm.models.compact import CompactModel, CompactSpec, build_compact, load_compact, save_compact
@@ -119,18 +120,11 @@ class SimulationConfig:
             raise ValueError("SimulationConfig.kernel_sigma must be >= 0 and rf_sigma > 0")
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        for k, v in d.items():
-            if isinstance(v, tuple):
-                d[k] = list(v)
-        return d
+        return to_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "SimulationConfig":
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown SimulationConfig fields: {sorted(unknown)}")
-        return cls(**d)
+        return from_dict(cls, d)
 
 
 def session_roles(n_sessions: int) -> list[str]:
