@@ -31,7 +31,7 @@ from typing import Sequence
 import numpy as np
 
 from farm.config import JobConfig
-from farm.pipeline import _neuron_key
+from farm.selection import neuron_sort_key
 from farm.tracking import TAG_NEURON, Tracker
 
 log = logging.getLogger(__name__)
@@ -122,7 +122,7 @@ def job_models(tracker: Tracker, job_id: str, dst: Path, neurons: Sequence[str] 
     if neurons is not None:
         runs = [r for r in runs if r.data.tags.get(TAG_NEURON) in set(neurons)]
     out = []
-    for run in sorted(runs, key=lambda r: _neuron_key(r.data.tags[TAG_NEURON])):
+    for run in sorted(runs, key=lambda r: neuron_sort_key(r.data.tags[TAG_NEURON])):
         nid = run.data.tags[TAG_NEURON]
         local = dst / _safe(nid)
         if not (local / "model" / "spec.json").is_file():
@@ -140,7 +140,7 @@ def run_analyze_job(cfg: JobConfig, force: bool = False, progress: bool = True) 
     from farm.data.images import ImageBank
     from farm.farm import gather, parse_neuron_selection, rank_bank_parallel
     from farm.models.compact import load_compact
-    from farm.pipeline import _init_ray, _tracker
+    from farm.farm import init_job_ray
 
     t0 = time.time()
     acfg = AnalysisConfig.from_dict(cfg.analysis.config)  # fails early on a bad key
@@ -149,7 +149,7 @@ def run_analyze_job(cfg: JobConfig, force: bool = False, progress: bool = True) 
         raise FileNotFoundError(f"analyze: no image bank at {bank_dir} (bank.json missing); the job's bank is "
                                 f"built by `farm compress` with the same config")
     out_root = Path(cfg.out_dir) / "analysis"
-    tracker = _tracker(cfg)
+    tracker = Tracker.open(cfg.tracking_uri(), cfg.tracking.experiment)
     job_id = cfg.resolved_job_id()
     parent = tracker.find_job(job_id)
     selection = None
@@ -168,7 +168,7 @@ def run_analyze_job(cfg: JobConfig, force: bool = False, progress: bool = True) 
     rng = np.random.default_rng(cfg.seed)
     n_sample = min(cfg.analysis.images, len(bank))
     sample = bank.read(np.sort(rng.choice(len(bank), n_sample, replace=False)))
-    _init_ray(cfg, tracker)
+    init_job_ray(cfg, tracker)
     rows = []
     ranking = None
     if todo or "gallery" in acfg.population:
@@ -212,7 +212,7 @@ def run_analyze_job(cfg: JobConfig, force: bool = False, progress: bool = True) 
     tracker.log_metrics(parent, {f"analysis.{k}": v for k, v in population_metrics.items()})
     tracker.log_metrics(parent, {"analysis.models": len(models), "analysis.seconds": time.time() - t0})
     tracker.log_artifacts(parent, pop_dir, "analysis/population")
-    result = AnalyzeJobResult(job_id, parent, sorted(rows, key=lambda r: _neuron_key(r["neuron_id"])), skipped,
+    result = AnalyzeJobResult(job_id, parent, sorted(rows, key=lambda r: neuron_sort_key(r["neuron_id"])), skipped,
                               population_metrics, str(out_root))
     (out_root / "summary.json").write_text(json.dumps(
         {"job_id": job_id, "parent_run_id": parent, "skipped": skipped, "population": population_metrics,
@@ -240,3 +240,33 @@ def print_analysis_summary(result: AnalyzeJobResult) -> None:
         print(f"already analysed (use --force to redo): {', '.join(result.skipped)}")
     if result.population_metrics:
         print("across models: " + ", ".join(f"{k} {v:.3g}" for k, v in sorted(result.population_metrics.items())))
+
+
+# -- `farm analyze MODEL --out DIR` ------------------------------------------------------------------
+def analyze_command(args) -> int:
+    """``farm analyze MODEL --out DIR``: every analysis of one compact model; figures (PNG), data
+    (.npz per analysis) and metrics (metrics.json) under DIR, and in an MLflow run when given."""
+    from farm.analysis import run_all_analyses
+    from farm.config import store_uri
+
+    p = Path(args.model)
+    if p.suffix == ".pt":
+        from farm.models.published import load_published_compact
+
+        model = load_published_compact(p)
+    else:
+        from farm.models.compact import load_compact
+
+        model = load_compact(p)
+    images = np.load(args.images) if args.images else None
+    out = Path(args.out)
+    res = run_all_analyses(model, images)
+    write_analysis(res, out)
+    if args.run_id:
+        tracker = Tracker.open(args.tracking_uri or store_uri(), args.experiment)
+        tracker.log_metrics(args.run_id, {f"analysis.{k}": v for k, v in res["metrics"].items()})
+        tracker.log_artifacts(args.run_id, out, "analysis")
+    print(f"analyses of {p} -> {out}")
+    for k, v in sorted(res["metrics"].items()):
+        print(f"  {k}: {v:.4g}")
+    return 0

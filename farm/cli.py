@@ -91,9 +91,10 @@ def cmd_demo(args) -> int:
 
 
 def cmd_ui(args) -> int:
-    from farm.tracking import default_tracking_uri, ui_command
+    from farm.config import store_uri
+    from farm.tracking import ui_command
 
-    print(ui_command(args.uri or default_tracking_uri(), args.port))
+    print(ui_command(args.uri or store_uri(args.config, args.overrides), args.port))
     return 0
 
 
@@ -119,9 +120,9 @@ def cmd_analyze(args) -> int:
     if len(args.targets) != 1 or not args.out:
         raise ValueError("analyze: give one MODEL and --out DIR, or --config JOB_CONFIG [overrides]")
     args.model = args.targets[0]
-    from farm import pipeline
+    from farm.analyze_job import analyze_command
 
-    return pipeline.analyze_command(args)
+    return analyze_command(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -163,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--config", required=True)
     tt.add_argument("--data", help="sessions folder or V4 release folder (default: from the config)")
     tt.add_argument("--out", required=True, help="where the trained teacher is saved")
-    tt.add_argument("--tracking-uri")
+    tt.add_argument("--tracking-uri", help="MLflow store (default: farm_runs/mlflow.db, the jobs' default store)")
     tt.add_argument("--experiment", default="farm-teacher")
     ti = tsub.add_parser("import", help="make a published model a farm teacher folder")
     ti.add_argument("kind", choices=["shared_compact", "published_compact"])
@@ -192,13 +193,16 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--force", action="store_true", help="with --config: redo models analysed before")
     a.add_argument("--out", help="output folder (one model)")
     a.add_argument("--images", help="npy of natural images (uint8 N,H,W,3) for ranking/saliency")
-    a.add_argument("--tracking-uri")
+    a.add_argument("--tracking-uri", help="MLflow store of --run-id (default: farm_runs/mlflow.db)")
     a.add_argument("--run-id", help="log figures and data to this MLflow run (e.g. the neuron's child run)")
     a.add_argument("--experiment", default="farm", help="MLflow experiment of --run-id")
     a.set_defaults(func=cmd_analyze)
 
     u = sub.add_parser("ui", help="print the command that opens the MLflow UI on 127.0.0.1")
-    u.add_argument("--uri")
+    u.add_argument("--uri", help="an MLflow store (default: the store of --config's job, else of the "
+                   "default job: farm_runs/mlflow.db under the current directory)")
+    u.add_argument("--config", help="a job config (path or name in configs/): open that job's store")
+    u.add_argument("overrides", nargs="*", help="key=value overrides of --config (e.g. out_dir=...)")
     u.add_argument("--port", type=int, default=5000)
     u.set_defaults(func=cmd_ui)
     return p

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import yaml
 
-from farm.dataclass_dict import ConfigValueError, apply_overrides as _apply_overrides, from_dict, to_dict
+from farm.dataclass_dict import ConfigValueError, apply_overrides as _apply_overrides, from_dict, read_yaml_mapping, to_dict
 
 from farm.analysis import AnalysisConfig
 from farm.compress import CompressConfig
@@ -82,7 +82,7 @@ class BankSpec:
     dir: str | None = None
     source_roles: list[Literal["train", "validation", "test"]] = field(default_factory=lambda: ["train", "validation"])
     heldout: int = 500
-    bank: dict = field(default_factory=dict)
+    bank: dict = field(default_factory=lambda: {"n_images": 6000})
 
     def __post_init__(self):
         if self.heldout < 1:
@@ -230,6 +230,15 @@ class JobConfig:
     def to_dict(self) -> dict:
         return to_dict(self)
 
+    def tracking_uri(self) -> str:
+        """This job's MLflow store: ``tracking.uri``, else ``sqlite:///<out_dir's parent>/mlflow.db``
+        (absolute). Every command resolves its store here: jobs, ``farm ui``, ``farm teacher train``
+        and ``farm analyze`` (with no config: the default job's, ``farm_runs/mlflow.db`` under the
+        current directory, where ``make demo`` writes)."""
+        if self.tracking.uri:
+            return self.tracking.uri
+        return f"sqlite:///{Path(self.out_dir).resolve().parent / 'mlflow.db'}"
+
     def resolved_job_id(self) -> str:
         """The given job id, else a stable hash of the normalized config (defaults spelt out or not)
         without tracking, resources and analysis."""
@@ -261,14 +270,11 @@ def resolve_config_path(path: str | Path) -> Path:
 
 
 def read_yaml(path: str | Path) -> dict:
-    p = resolve_config_path(path)
+    """The mapping in a config file (a path, or a name in configs/)."""
     try:
-        d = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML: {e}") from e
-    if not isinstance(d, dict):
-        raise ConfigError(f"{p}: expected a mapping at the top level")
-    return d
+        return read_yaml_mapping(resolve_config_path(path))
+    except ConfigValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def load_job_config(path: str | Path | None = None, overrides: list[str] | None = None) -> JobConfig:
@@ -280,6 +286,12 @@ def load_job_config(path: str | Path | None = None, overrides: list[str] | None 
         return from_dict(JobConfig, d, "")
     except ConfigValueError as e:
         raise ConfigError(f"{where}: {e}") from None
+
+
+def store_uri(config: str | Path | None = None, overrides: list[str] | None = None) -> str:
+    """The MLflow store of the job config at ``config`` (None: the default job's); see
+    ``JobConfig.tracking_uri``."""
+    return (load_job_config(config, overrides) if config else JobConfig()).tracking_uri()
 
 
 def dump_job_config(cfg: JobConfig, path: str | Path) -> None:

@@ -21,6 +21,7 @@ import re
 import types
 import typing
 from dataclasses import fields, is_dataclass
+from pathlib import Path
 from typing import Any
 
 
@@ -167,6 +168,10 @@ def from_dict(cls, d: dict | None, where: str | None = None):
         except ValueError as e:
             raise ConfigValueError(f"{where}: {e}" if where else str(e)) from None
     check_keys(cls, d, where)
+    missing = [f.name for f in fields(cls) if f.init and f.name not in d and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigValueError(f"{where or 'top level'}: missing required key(s) {missing}")
     hints = _hints(cls)
     kwargs = {k: coerce(hints[k], _over_default(cls, k, v), _key(where, k)) for k, v in d.items()}
     try:
@@ -237,6 +242,23 @@ def parse_override_value(text: str, hint=None, what: str = "override"):
     except yaml.YAMLError as e:
         msg = str(e).replace("\n", " ")
         raise ConfigValueError(f"{what}: value {text!r} is not valid YAML ({msg})") from None
+
+
+def read_yaml_mapping(path, what: str = "config") -> dict:
+    """The mapping in YAML file ``path`` ({} for an empty file): the one YAML reader of farm's
+    configs. FileNotFoundError / ConfigValueError name the file and what is wrong."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{what} {p}: no such file")
+    try:
+        d = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigValueError(f"{p}: not valid YAML: {e}") from None
+    if not isinstance(d, dict):
+        raise ConfigValueError(f"{p}: expected a mapping at the top level, got {type(d).__name__}")
+    return d
 
 
 def apply_overrides(d: dict, overrides: list[str] | None, cls=None) -> dict:

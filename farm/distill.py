@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from farm.dataclass_dict import from_dict, to_dict
-from farm.data.images import recenter, tensor_view
+from farm.models.input import recenter, tensor_view
 from farm.models.compact import CompactModel, rescale_outputs_
 
 log = logging.getLogger(__name__)

@@ -58,6 +58,12 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
                  runtime_env=runtime_env, log_to_driver=True)
 
 
+def init_job_ray(cfg, tracker: Tracker) -> None:
+    """Ray for a job config (``farm.*`` resources), its workers logging to the job's store."""
+    init_ray(cfg.farm.address, cfg.farm.local_num_cpus, cfg.farm.object_store_memory,
+             env_vars={"MLFLOW_TRACKING_URI": tracker.uri})
+
+
 def _job_env_vars() -> dict:
     """The env_vars of the Ray Job this driver runs in ({} outside a Ray Job)."""
     raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")

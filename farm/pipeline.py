@@ -19,9 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from farm.config import JobConfig, load_job_config, read_yaml, resolve_config_path
-from farm.farm import JobResult, NeuronInputs, init_ray, parse_neuron_selection, run_neurons
-from farm.tracking import Tracker, default_tracking_uri, ui_command
+from farm.config import JobConfig, load_job_config, read_yaml, resolve_config_path, store_uri
+from farm.farm import JobResult, NeuronInputs, init_job_ray, parse_neuron_selection, run_neurons
+from farm.selection import neuron_sort_key
+from farm.tracking import Tracker, ui_command
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +208,7 @@ def prepare_job(cfg: JobConfig, tracker: Tracker | None = None, progress: bool =
     if 0 < cfg.farm.teacher_tasks_min_images <= len(bank) and len(bank.shards) > 1:
         from farm.farm import ray_shard_runner
 
-        _init_ray(cfg, tracker or _tracker(cfg))
+        init_job_ray(cfg, tracker or _tracker(cfg))
         runner = ray_shard_runner(cfg.farm.num_cpus, cfg.farm.num_gpus, cfg.farm.max_retries)
         log.info("teacher responses to %d bank images: %d Ray tasks, one per shard (unless cached)",
                  len(bank), len(bank.shards))
@@ -298,13 +299,7 @@ def prepare_shared_start(cfg: JobConfig, inputs: NeuronInputs, source_id: str):
 
 # -- the jobs ---------------------------------------------------------------------------------------
 def _tracker(cfg: JobConfig) -> Tracker:
-    uri = cfg.tracking.uri or default_tracking_uri(Path(cfg.out_dir).resolve().parent)
-    return Tracker.open(uri, cfg.tracking.experiment)
-
-
-def _init_ray(cfg: JobConfig, tracker: Tracker) -> None:
-    init_ray(cfg.farm.address, cfg.farm.local_num_cpus, cfg.farm.object_store_memory,
-             env_vars={"MLFLOW_TRACKING_URI": tracker.uri})
+    return Tracker.open(cfg.tracking_uri(), cfg.tracking.experiment)
 
 
 def run_compress_job(cfg: JobConfig, progress: bool = True, prepared: PreparedJob | None = None) -> JobResult:
@@ -323,7 +318,7 @@ def run_compress_job(cfg: JobConfig, progress: bool = True, prepared: PreparedJo
     todo = [n for n in neurons if n not in done]
     log.info("job %s: %d neurons selected, %d already finished, %d to compress", job_id, len(neurons),
              len(neurons) - len(todo), len(todo))
-    _init_ray(cfg, tracker)
+    init_job_ray(cfg, tracker)
     rows = run_neurons(todo, prepared.inputs, cfg.compress, cfg.seed, tracker, parent,
                        num_cpus=cfg.farm.num_cpus, num_gpus=cfg.farm.num_gpus,
                        max_retries=cfg.farm.max_retries, device=cfg.farm.device,
@@ -345,7 +340,7 @@ def run_compress_job(cfg: JobConfig, progress: bool = True, prepared: PreparedJo
             "job_seconds": time.time() - t0, **_shared_metrics(prepared)})
     tracker.end_run(parent, "FINISHED")
     result = JobResult(job_id, parent, rows, sorted(done))
-    result.summary = sorted(summary, key=lambda s: _neuron_key(s["neuron_id"]))
+    result.summary = sorted(summary, key=lambda s: neuron_sort_key(s["neuron_id"]))
     result.tracking_uri = tracker.uri
     _write_summary(Path(cfg.out_dir) / "summary.json", result)
     if progress:
@@ -367,7 +362,7 @@ def run_sweep_job(cfg: JobConfig, progress: bool = True, prepared: PreparedJob |
     job_id = cfg.resolved_job_id() + "-sweep"
     parent = tracker.start_job(job_id, params={**_job_params(cfg, prepared), "sweep": cfg.sweep.__dict__},
                                tags=_job_tags(cfg, prepared), kind="sweep")
-    _init_ray(cfg, tracker)
+    init_job_ray(cfg, tracker)
     results = run_sweep(neurons, prepared.inputs, cfg.compress, cfg.sweep.taus, cfg.sweep.criteria, tracker,
                         parent, storage_path=str(Path(cfg.out_dir).resolve() / "tune"), name=job_id,
                         seed=cfg.seed, eps=cfg.sweep.eps, search=cfg.sweep.search,
@@ -410,11 +405,6 @@ def run_demo(out_dir: str = "farm_runs/demo", overrides: list[str] | None = None
 
 
 # -- reporting --------------------------------------------------------------------------------------
-def _neuron_key(nid: str):
-    s, _, i = nid.partition(":")
-    return (s, int(i) if i.isdigit() else i)
-
-
 def _shared_metrics(prepared: PreparedJob) -> dict:
     """The shared student's cost and fit, for the job run (the "shared" recipe)."""
     info = prepared.shared_info or {}
@@ -515,7 +505,7 @@ def teacher_command(args) -> int:
     from farm.teacher import evaluate_teacher, run_teacher_training
 
     if args.teacher_cmd == "train":
-        tracker = Tracker.open(args.tracking_uri or default_tracking_uri(), args.experiment)
+        tracker = Tracker.open(args.tracking_uri or store_uri(), args.experiment)
         cfgd = read_yaml(args.config)
         run = tracker.start_job(f"teacher-{Path(args.out).resolve().name}-{int(time.time())}",
                                 params={"config": json.dumps(cfgd, default=str)}, kind="teacher")
@@ -574,32 +564,3 @@ def _load_any_teacher(path: str):
     from farm.teacher import EnsembleTeacher
 
     return EnsembleTeacher.load(p / "teacher" if (p / "teacher" / "teacher.json").is_file() else p)
-
-
-def analyze_command(args) -> int:
-    """``farm analyze MODEL --out DIR``: every analysis of one compact model; figures (PNG), data
-    (.npz per analysis) and metrics (metrics.json) under DIR, and in an MLflow run when given."""
-    from farm.analysis import run_all_analyses
-    from farm.analyze_job import write_analysis
-
-    p = Path(args.model)
-    if p.suffix == ".pt":
-        from farm.models.published import load_published_compact
-
-        model = load_published_compact(p)
-    else:
-        from farm.models.compact import load_compact
-
-        model = load_compact(p)
-    images = np.load(args.images) if args.images else None
-    out = Path(args.out)
-    res = run_all_analyses(model, images)
-    write_analysis(res, out)
-    if args.run_id:
-        tracker = Tracker.open(args.tracking_uri or default_tracking_uri(), args.experiment)
-        tracker.log_metrics(args.run_id, {f"analysis.{k}": v for k, v in res["metrics"].items()})
-        tracker.log_artifacts(args.run_id, out, "analysis")
-    print(f"analyses of {p} -> {out}")
-    for k, v in sorted(res["metrics"].items()):
-        print(f"  {k}: {v:.4g}")
-    return 0

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from farm.dataclass_dict import from_dict, to_dict
-from farm.data.images import recenter
+from farm.models.input import recenter
 from farm.models.compact import CompactModel, CompactSpec, narrow, same_pad
 
 log = logging.getLogger(__name__)

@@ -36,6 +36,12 @@ def _ranges(item: str, spec: str) -> list[tuple[int, int]]:
     return out
 
 
+def neuron_sort_key(neuron_id: str):
+    """Sort key of a neuron id: by session, then by index as a number (190923:2 before 190923:10)."""
+    s, _, i = neuron_id.partition(":")
+    return (s, int(i) if i.isdigit() else i)
+
+
 def check_selection(selection: str | Sequence[str]) -> None:
     """ValueError when ``selection`` is not in the grammar (see the module docstring)."""
     for item in _items(selection):

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from farm.dataclass_dict import from_dict, to_dict
-from farm.data.images import recenter
+from farm.models.input import recenter
 from farm.models.compact import CompactModel, CompactSpec, build_compact, output_slice
 from farm.shared_start import copy_early_
 

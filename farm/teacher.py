@@ -42,7 +42,7 @@ import numpy as np
 import torch
 import yaml
 
-from farm.dataclass_dict import from_dict, to_dict
+from farm.dataclass_dict import ConfigValueError, from_dict, read_yaml_mapping, to_dict
 from farm import metrics
 from farm.data.sessions import Session
 from farm.models.ensemble import (
@@ -211,20 +211,13 @@ class TeacherConfig:
         if isinstance(source, dict):
             return cls.from_dict(source)
         path = Path(source)
-        if not path.is_file():
-            raise FileNotFoundError(f"teacher config {path}: no such file")
-        try:
-            d = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ValueError(f"{path}: not valid YAML: {e}") from e
-        if not isinstance(d, dict):
-            raise ValueError(f"{path}: expected a mapping of TeacherConfig fields at the top level")
+        d = read_yaml_mapping(path, "teacher config")
         if set(d) == {"teacher"} and isinstance(d["teacher"], dict):
             d = d["teacher"]
         try:
-            return cls.from_dict(d)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{path}: {e}") from e
+            return from_dict(cls, d, "")
+        except ValueError as e:
+            raise ConfigValueError(f"{path}: {e}") from None
 
     def to_yaml(self, path: str | Path) -> Path:
         path = Path(path)

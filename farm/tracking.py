@@ -32,10 +32,10 @@ TAG_ERROR = "farm.error"
 TAG_PARENT = "mlflow.parentRunId"
 
 
-def default_tracking_uri(base_dir: str | os.PathLike | None = None) -> str:
-    """An absolute sqlite URI: ``sqlite:///<base_dir or cwd>/mlflow.db``."""
-    base = Path(base_dir or os.getcwd()).resolve()
-    return f"sqlite:///{base / 'mlflow.db'}"
+def default_tracking_uri(base_dir: str | os.PathLike) -> str:
+    """An absolute sqlite URI: ``sqlite:///<base_dir>/mlflow.db``. Which ``base_dir`` a command uses
+    is ``farm.config.JobConfig.tracking_uri``'s call (one default for every command)."""
+    return f"sqlite:///{Path(base_dir).resolve() / 'mlflow.db'}"
 
 
 def ui_command(uri: str, port: int = 5000) -> str:
@@ -75,9 +75,10 @@ class Tracker:
     experiment_name: str
 
     @classmethod
-    def open(cls, uri: str | None = None, experiment: str = "farm") -> "Tracker":
+    def open(cls, uri: str, experiment: str = "farm") -> "Tracker":
         """Create the store and experiment from the driver (schema migration once, ecosystem §7.5)."""
-        uri = uri or default_tracking_uri()
+        if not uri:
+            raise ValueError("Tracker.open: no tracking URI (farm.config.JobConfig.tracking_uri gives the default)")
         client = _client(uri)
         exp = client.get_experiment_by_name(experiment)
         if exp is None:

@@ -34,7 +34,8 @@ def test_gaussian_blur_matches_scipy():
         got = gaussian_blur(torch.as_tensor(x), sigma).numpy()
         want = ndimage.gaussian_filter(x, sigma=(0, 0, sigma, sigma), mode="reflect", truncate=4.0)
         np.testing.assert_allclose(got, want, atol=1e-10)
-    assert gaussian_blur(torch.as_tensor(x), 0) is not None
+    t = torch.as_tensor(x)
+    assert torch.equal(gaussian_blur(t, 0), t) and torch.equal(gaussian_blur(t, -1.0), t)  # sigma <= 0: x
 
 
 def test_maximizing_images_beat_the_99th_percentile_of_the_bank(model, bank):

@@ -58,3 +58,18 @@ def test_analyze_writes_figures_data_and_metrics(tmp_path):
     # maximizing synthesized images beat the natural images' 99th percentile
     assert metrics["synth_max_best"] > metrics["natural_p99"]
     assert (tmp_path / "a" / "saliency.png").is_file() and (tmp_path / "a" / "synth_max.npz").is_file()
+
+
+def test_farm_ui_prints_the_store_the_jobs_write_by_default(tmp_path, monkeypatch, capsys):
+    """One store default for every command: from a directory, `farm ui` opens
+    farm_runs/mlflow.db there (where `make demo` writes); `farm ui --config` that job's store."""
+    from farm.cli import main
+    from farm.config import JobConfig, load_job_config
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["ui"]) == 0
+    want = f"sqlite:///{tmp_path.resolve()}/farm_runs/mlflow.db"
+    assert f"--backend-store-uri {want} " in capsys.readouterr().out
+    assert JobConfig().tracking_uri() == want == load_job_config("demo").tracking_uri()
+    assert main(["ui", "--config", "demo", f"out_dir={tmp_path}/elsewhere/job"]) == 0
+    assert f"--backend-store-uri sqlite:///{tmp_path.resolve()}/elsewhere/mlflow.db " in capsys.readouterr().out

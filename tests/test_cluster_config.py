@@ -38,5 +38,8 @@ def test_cluster_yaml_binds_services_to_loopback_with_token_auth():
 def test_validation_rejects_a_broken_config():
     cfg = yaml.safe_load(CLUSTER.read_text())
     cfg["available_node_types"]["gpu_worker"]["resources"] = {"GPU": 0.5}  # must be integers
-    with pytest.raises(Exception):
+    from jsonschema.exceptions import ValidationError
+
+    with pytest.raises(ValidationError, match="0.5 is not of type 'integer'") as err:
         _validated(cfg)
+    assert list(err.value.path) == ["available_node_types", "gpu_worker", "resources", "GPU"]

@@ -28,6 +28,7 @@ import numpy as np
 import pytest
 import yaml
 
+from conftest import RAY_ENV
 from farm.config import load_job_config
 from farm.farm import NeuronInputs, compress_and_log, init_ray, run_neurons
 from farm.tracking import TAG_ERROR, TAG_JOB, TAG_KIND, TAG_NEURON, Tracker
@@ -41,35 +42,9 @@ TINY_COMPRESS = {
     "retrain": {"passes": 1, "log_every_steps": 5, "bn_recalibrate_images": 256},
 }
 
-RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
 
 
 # -- fixtures ---------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def ray_tmp():
-    """Ray's environment for the module: auth off, no telemetry, a private (short: unix sockets)
-    temp dir, no inherited RAY_ADDRESS."""
-    tmp = tempfile.mkdtemp(prefix="frt", dir="/tmp")
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in RAY_ENV.items():
-            mp.setenv(k, v)
-        mp.setenv("RAY_TMPDIR", tmp)
-        mp.delenv("RAY_ADDRESS", raising=False)
-        yield tmp
-    shutil.rmtree(tmp, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def local_ray(ray_tmp):
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    init_ray(num_cpus=2, object_store_memory=300_000_000)
-    yield ray
-    ray.shutdown()
-
-
 @pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory):
     """Simulated sessions + image bank (shared, read-only after this) and an empty migrated store."""
@@ -200,7 +175,7 @@ def test_compress_job_end_to_end_then_rerun_is_idempotent(tiny_base, local_ray, 
 
 
 def test_a_shared_recipe_job_trains_one_shared_student_and_starts_each_neuron_from_its_slice(
-        tiny_base, local_ray, tmp_path):
+        tiny_base, local_ray, tmp_path, capsys):
     """compress.recipe: shared. The driver distills ONE shared student for the teacher's neurons
     (cached under out_dir/shared), every neuron task starts from its slice (its distilled R² is the
     slice's), and the runs record the recipe, the teacher's score on the same recorded images and
@@ -212,9 +187,16 @@ def test_a_shared_recipe_job_trains_one_shared_student_and_starts_each_neuron_fr
     compress = {"recipe": "shared", "student_filters": [6] * 5, "iterative_retrain_passes": 0.2,
                 "shared": {"early_filters": 6, "late_filters": 6, "distill": {"passes": 2, "bn_recalibrate_images": 256}},
                 "retrain": {"passes": 1, "bn_recalibrate_images": 256}}
-    cfg = load_job_config(write_config(tmp_path, tiny_base, compress=compress))
+    # no tracking.uri: the default store, next to out_dir, is where `farm ui --config` points
+    path = write_config(tmp_path, tiny_base, compress=compress, tracking={"experiment": "tiny", "uri": None})
+    cfg = load_job_config(path)
     res = run_compress_job(cfg, progress=False)
     assert res.failed == [] and len(res.rows) == N_NEURONS
+    assert res.tracking_uri == cfg.tracking_uri() == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    from farm.cli import main
+
+    assert main(["ui", "--config", str(path)]) == 0
+    assert f"--backend-store-uri {res.tracking_uri} " in capsys.readouterr().out
     caches = list((Path(cfg.out_dir) / "shared").glob("*/shared.json"))
     assert len(caches) == 1
     info = json.loads(caches[0].read_text())
@@ -224,7 +206,7 @@ def test_a_shared_recipe_job_trains_one_shared_student_and_starts_each_neuron_fr
     prepared = prepare_job(cfg)  # cached: the same shared student, not a second one
     assert len(list((Path(cfg.out_dir) / "shared").glob("*/shared.json"))) == 1
     inp = prepared.inputs
-    tracker = Tracker.open(cfg.tracking.uri, "tiny")
+    tracker = Tracker.open(cfg.tracking_uri(), "tiny")
     parent = tracker.client.get_run(res.parent_run_id).data.metrics
     assert parent["shared_cpu_seconds"] == pytest.approx(info["cpu_seconds"])
     assert parent["shared_median_r2_teacher_heldout"] == pytest.approx(float(np.median(info["r2_teacher_heldout"])))

@@ -78,26 +78,6 @@ def mlflow_server(tmp_path):
             proc.wait(timeout=10)
 
 
-@pytest.fixture
-def local_ray(monkeypatch):
-    """Ray in this process: auth off, no telemetry, a private short temp dir."""
-    import ray
-
-    from farm.farm import init_ray
-
-    tmp = tempfile.mkdtemp(prefix="frm", dir="/tmp")
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
-    monkeypatch.setenv("RAY_TMPDIR", tmp)
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    if ray.is_initialized():
-        ray.shutdown()
-    init_ray(num_cpus=2, object_store_memory=300_000_000)
-    yield
-    ray.shutdown()
-    shutil.rmtree(tmp, ignore_errors=True)
-
-
 def tiny_config(tmp_path: Path, uri: str) -> Path:
     cfg = {
         "name": "tiny-http", "out_dir": str(tmp_path / "out"), "neurons": "sim1:0-1",

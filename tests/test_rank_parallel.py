@@ -8,20 +8,6 @@ from farm.data.images import BankConfig, build_bank
 from farm.models.compact import CompactSpec, build_compact, load_compact, save_compact
 
 
-@pytest.fixture()
-def local_ray(monkeypatch):
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, object_store_memory=200_000_000, include_dashboard=False)
-    yield ray
-    if started:
-        ray.shutdown()
-
-
 def test_ray_ranking_over_models_and_chunks_equals_one_pass(tmp_path, local_ray):
     from farm.farm import rank_bank_parallel
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from farm.data.images import RGB_MEANS, recenter
+from farm.models.input import RGB_MEANS, recenter
 from farm.models.compact import CompactModel
 
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from farm.analysis.common import check_images, check_size, predict
-from farm.data.images import recenter
+from farm.models.input import recenter
 from farm.models.compact import CompactModel, CompactSpec, build_compact
 
 

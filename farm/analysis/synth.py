@@ -24,7 +24,7 @@ import torch
 
 from farm.analysis.common import (check_output, eval_mode, gaussian_blur, model_device, model_dtype,
                                   pixel_bounds, predict)
-from farm.data.images import RGB_MEANS, uncenter
+from farm.models.input import RGB_MEANS, uncenter
 from farm.models.compact import CompactModel
 
 log = logging.getLogger(__name__)

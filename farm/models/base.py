@@ -44,7 +44,7 @@ class CompactTeacher:
         # large cost as much to zero as the convolution itself (measured on 2 CPU cores).
         import torch
 
-        from farm.data.images import recenter
+        from farm.models.input import recenter
 
         out = np.empty((len(images), len(self.neuron_ids)), dtype=np.float32)
         with torch.inference_mode():

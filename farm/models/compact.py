@@ -6,7 +6,7 @@ the shared compact models (several outputs, factorized readout, optionally witho
 
 Layout (K0..K4 = ``spec.filters``):
 
-    x (N, 3, H, W) float32, raw 0-255 minus RGB_MEANS (NCHW; see ``farm.data.images.recenter``)
+    x (N, 3, H, W) float32, raw 0-255 minus RGB_MEANS (NCHW; see ``farm.models.input.recenter``)
     layer0: full 5x5 conv 3->K0 (stride 1) + BN + ReLU
     layer1..4: depthwise 5x5 (stride 2, 2, 1, 1; no bias) -> pointwise 1x1 K_{l-1}->K_l (+bias) + BN + ReLU
     readout "dense":      Linear over the NHWC-flattened (R, R, K4) map -> 1 output (R = H/4)
