@@ -138,9 +138,9 @@ def result_metrics(result, ground_truth_r2: float | None = None) -> dict:
         if v is not None:
             m[key] = v
     t = getattr(result, "timings", {}) or {}
-    for key in ("distill_s", "prune_s", "retrain_s"):
+    for key in ("start_s", "distill_s", "prune_s", "retrain_s", "cpu_s"):  # start: the neuron's specialization
         if key in t:
-            m[key.replace("_s", "_seconds")] = t[key]
+            m[key[:-2] + "_seconds"] = t[key]
     if ground_truth_r2 is not None:
         m["r2_ground_truth"] = ground_truth_r2
     return m
@@ -267,11 +267,16 @@ def compress_group_and_log(neuron_ids: Sequence[str], inputs: NeuronInputs, comp
         for n in todo:
             try:
                 col = inputs.neuron_ids.index(n)
-                results.append(compress_neuron(
+                cpu0, wall0 = time.process_time(), time.perf_counter()
+                start = neuron_start(inputs.shared_start, n, inputs.bank_images, cfg.specialize)
+                start_s = time.perf_counter() - wall0
+                result = compress_neuron(
                     n, inputs.bank_images, inputs.bank_targets[:, col], inputs.heldout_images,
                     inputs.heldout_targets[:, col], cfg, real=_real_data(inputs, n),
-                    device=resolve_device(device), threads=threads,
-                    distilled=neuron_start(inputs.shared_start, n, inputs.bank_images, cfg.specialize)))
+                    device=resolve_device(device), threads=threads, distilled=start)
+                result.timings = {**(result.timings or {}), "start_s": start_s,
+                                  "cpu_s": time.process_time() - cpu0}
+                results.append(result)
                 kept.append(n)
             except Exception as e:
                 rows[n] = _failed(n, e, tracker, parent_run_id, params[n])
@@ -280,10 +285,14 @@ def compress_group_and_log(neuron_ids: Sequence[str], inputs: NeuronInputs, comp
         try:
             cols = [inputs.neuron_ids.index(n) for n in todo]
             cfg = CompressConfig.for_seed(compress_cfg, seed)
+            cpu0 = time.process_time()
             results = compress_neurons(todo, inputs.bank_images, inputs.bank_targets[:, cols],
                                        inputs.heldout_images, inputs.heldout_targets[:, cols], cfg,
                                        real=[_real_data(inputs, n) for n in todo], device=resolve_device(device),
                                        threads=threads)
+            cpu_each = (time.process_time() - cpu0) / max(1, len(results))  # a packed group's, shared equally
+            for r in results:
+                r.timings = {**(r.timings or {}), "cpu_s": cpu_each}
         except Exception as e:  # the neurons failed; the job goes on
             for n in todo:
                 rows[n] = _failed(n, e, tracker, parent_run_id, params[n])

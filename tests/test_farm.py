@@ -135,7 +135,7 @@ def test_compress_job_end_to_end_then_rerun_is_idempotent(tiny_base, local_ray, 
         assert run.info.status == "FINISHED" and run.data.tags[TAG_JOB] == res.job_id
         assert run.data.params["neuron_id"] == nid
         for key in ("param_count", "trainable_params", "total_filters", "r2_teacher_heldout", "r2_er",
-                    "r2_ground_truth", *(f"filters_layer{i}" for i in range(5))):
+                    "r2_ground_truth", "cpu_seconds", *(f"filters_layer{i}" for i in range(5))):
             assert key in m, f"{nid}: metric {key} missing"
         arts = artifact_paths(tracker, run.info.run_id)
         assert {"model/spec.json", "model/state_dict.pt", "history/pruning_history.csv",
@@ -217,6 +217,8 @@ def test_a_shared_recipe_job_trains_one_shared_student_and_starts_each_neuron_fr
         slice_r2 = squared_pearson(inp.heldout_targets[:, col], predict(output_slice(shared, nid), inp.heldout_images))
         assert m["r2_teacher_distilled"] == pytest.approx(slice_r2, rel=1e-3, abs=1e-5)
         assert "teacher_r2_er" in m and "r2_er" in m
+        # the neuron's cost: its start (the slice here) and its process CPU time, start included
+        assert m["start_seconds"] >= 0 and m["cpu_seconds"] > 0
 
 
 # -- failures ---------------------------------------------------------------------------------------
