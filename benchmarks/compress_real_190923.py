@@ -48,7 +48,8 @@ def run(v4_dir, published_dir, work_dir, n_bank: int = 1500, n_heldout: int = 30
     from farm.compress import CompressConfig, RealData, compress_neuron
     from farm.data.images import BankConfig, build_bank
     from farm.data.v4release import load_v4_session
-    from farm.distill import DistillConfig, compute_teacher_responses, predict, split_heldout
+    from farm.distill import DistillConfig, predict
+    from farm.teacher_responses import compute_teacher_responses, split_heldout
     from farm.metrics import r2_raw
     from farm.models.compact import output_slice
     from farm.models.published import (load_published_compact, load_shared_compact, shared_compact_path,

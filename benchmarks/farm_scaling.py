@@ -60,7 +60,8 @@ def cpu_model() -> str:
 def run_once(workers: int, prepared, cfg, store: Path, pack: int = 1) -> dict:
     import ray
 
-    from farm.farm import init_ray, parse_neuron_selection, run_neurons
+    from farm.farm import init_ray, run_neurons
+    from farm.selection import parse_neuron_selection
     from farm.tracking import Tracker
 
     tracker = Tracker.open(f"sqlite:///{store}", "scaling")

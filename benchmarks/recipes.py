@@ -40,7 +40,7 @@ def run(args) -> list[dict]:
 
     from farm.compress import CompressConfig, RealData, compress_neuron
     from farm.config import apply_overrides, load_job_config, read_yaml
-    from farm.farm import parse_neuron_selection
+    from farm.selection import parse_neuron_selection
     from farm.specialize import neuron_start
     from farm.pipeline import prepare_job
     from farm.recipes import compress_section

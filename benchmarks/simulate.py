@@ -28,7 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from farm.data.images import gaudy, natural_like, recenter
+from farm.data.images import gaudy, natural_like
+from farm.models.input import recenter
 from farm.data.simulate import SimulationConfig, simulate_population, write_population
 from farm.models.compact import build_compact
 

@@ -138,7 +138,8 @@ def run_analyze_job(cfg: JobConfig, force: bool = False, progress: bool = True) 
     from farm.analysis import AnalysisConfig, run_population_analyses
     from farm.analysis.figures import gallery_figure
     from farm.data.images import ImageBank
-    from farm.farm import gather, parse_neuron_selection, rank_bank_parallel
+    from farm.farm import gather, rank_bank_parallel
+    from farm.selection import parse_neuron_selection
     from farm.models.compact import load_compact
     from farm.farm import init_job_ray
 

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from farm.dataclass_dict import from_dict, to_dict
+from farm.files import read_manifest
 from farm.distill import DistillConfig, DistillResult, distill, distill_many, predict, squared_pearson
 from farm.models.compact import CompactModel, CompactSpec, build_compact, load_compact, save_compact
 from farm.prune import PruneConfig, prune
@@ -243,23 +244,17 @@ class CompressionResult:
     @classmethod
     def load(cls, directory: str | Path) -> "CompressionResult":
         d = Path(directory)
-        path = d / RESULT_FILE
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: missing; a saved CompressionResult is a folder with "
-                                    f"spec.json, state_dict.pt and {RESULT_FILE}")
-        try:
-            info = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON: {e}") from e
-        if info.pop("kind", None) != "CompressionResult" or info.pop("format_version", None) != RESULT_FORMAT_VERSION:
-            raise ValueError(f"{path}: not a CompressionResult (format version {RESULT_FORMAT_VERSION})")
+        info = read_manifest(d / RESULT_FILE, ("kind", "CompressionResult"), ("format_version", RESULT_FORMAT_VERSION),
+                             "CompressionResult", f"a saved CompressionResult is a folder with spec.json, "
+                             f"state_dict.pt and {RESULT_FILE}")
+        info.pop("kind"), info.pop("format_version")
         model = load_compact(d)
         if model.spec.to_dict() != CompactSpec.from_dict(info["spec"]).to_dict():
             raise ValueError(f"{d}: spec.json and {RESULT_FILE} describe different models")
         names = {f.name for f in fields(cls)}
         unknown = set(info) - names
         if unknown:
-            raise ValueError(f"{path}: unknown fields {sorted(unknown)}")
+            raise ValueError(f"{d / RESULT_FILE}: unknown fields {sorted(unknown)}")
         info["filters"] = tuple(info["filters"])
         return cls(state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()}, **info)
 

@@ -18,17 +18,16 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
 from farm.tracking import Tracker
 
+if TYPE_CHECKING:
+    from farm.compress import CompressConfig
+
 log = logging.getLogger(__name__)
-
-
-# -- neuron selection: farm.selection ---------------------------------------------------------------
-from farm.selection import parse_neuron_selection  # noqa: E402  (re-exported: farm.farm.parse_neuron_selection)
 
 
 # -- Ray set-up -------------------------------------------------------------------------------------
@@ -400,7 +399,7 @@ def _responses_task(teacher, bank_dir: str, shard: int, batch_size: int):
     import torch
 
     from farm.data.images import ImageBank
-    from farm.distill import shard_responses
+    from farm.teacher_responses import shard_responses
 
     torch.set_num_threads(task_threads())
     ids, images, _ = ImageBank(bank_dir).read_shard(shard)

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
+from farm.files import write_text_atomic
 from farm.config import JobConfig, load_job_config, read_yaml, resolve_config_path, store_uri
-from farm.farm import JobResult, NeuronInputs, init_job_ray, parse_neuron_selection, run_neurons
-from farm.selection import neuron_sort_key
+from farm.farm import JobResult, NeuronInputs, init_job_ray, run_neurons
+from farm.selection import neuron_sort_key, parse_neuron_selection
 from farm.tracking import Tracker, ui_command
 
 log = logging.getLogger(__name__)
@@ -196,7 +197,7 @@ def progress_bar(desc: str, unit: str = "item"):
 def prepare_job(cfg: JobConfig, tracker: Tracker | None = None, progress: bool = False) -> PreparedJob:
     """Sessions, teacher, bank and the teacher's responses to it (each stage cached under out_dir);
     ``progress`` draws a bar while the teacher runs over the bank."""
-    from farm.distill import compute_teacher_responses, split_heldout
+    from farm.teacher_responses import compute_teacher_responses, split_heldout
     from farm.metrics import evaluate_predictions
 
     sessions, truth, sessions_dir = prepare_sessions(cfg)
@@ -466,11 +467,9 @@ def _log_job_figures(tracker: Tracker, parent: str, summary: list, plots) -> Non
 
 
 def _write_summary(path: Path, result: JobResult) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"job_id": result.job_id, "parent_run_id": result.parent_run_id,
-                               "tracking_uri": result.tracking_uri, "neurons": result.summary,
-                               "failed": result.failed}, indent=2, default=str))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps({"job_id": result.job_id, "parent_run_id": result.parent_run_id,
+                                        "tracking_uri": result.tracking_uri, "neurons": result.summary,
+                                        "failed": result.failed}, indent=2, default=str))
 
 
 def print_summary(summary: list, title: str = "") -> None:

@@ -31,10 +31,8 @@ import hashlib
 import json
 import logging
 import math
-import os
-import tempfile
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -42,6 +40,7 @@ import numpy as np
 import torch
 import yaml
 
+from farm.files import atomic_path, read_manifest, write_text_atomic
 from farm.dataclass_dict import ConfigValueError, from_dict, read_yaml_mapping, to_dict
 from farm import metrics
 from farm.data.sessions import Session
@@ -221,7 +220,7 @@ class TeacherConfig:
 
     def to_yaml(self, path: str | Path) -> Path:
         path = Path(path)
-        _atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+        write_text_atomic(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
         return path
 
     def backbone_spec(self) -> BackboneSpec:
@@ -236,17 +235,6 @@ class TeacherConfig:
 # ------------------------------------------------------------------------------------------------
 # small helpers
 
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @contextlib.contextmanager
@@ -461,15 +449,9 @@ class EnsembleTeacher:
         spec = self.spec()
         spec["teacher_id"] = self.teacher_id
         spec["info"] = self.info
-        fd, tmp = tempfile.mkstemp(dir=d, prefix=TEACHER_WEIGHTS_FILE, suffix=".tmp")
-        os.close(fd)
-        try:
+        with atomic_path(d / TEACHER_WEIGHTS_FILE) as tmp:
             torch.save(self._state(), tmp)
-            os.replace(tmp, d / TEACHER_WEIGHTS_FILE)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        _atomic_write_text(d / TEACHER_SPEC_FILE, json.dumps(spec, indent=2, default=str))
+        write_text_atomic(d / TEACHER_SPEC_FILE, json.dumps(spec, indent=2, default=str))
         return d
 
     @classmethod
@@ -485,13 +467,8 @@ class EnsembleTeacher:
             if not p.is_file():
                 raise FileNotFoundError(f"{p}: missing; a saved teacher is a folder with "
                                         f"{TEACHER_SPEC_FILE} and {TEACHER_WEIGHTS_FILE}")
-        try:
-            spec = json.loads(spec_path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{spec_path}: not valid JSON: {e}") from e
-        if spec.get("kind") != "EnsembleTeacher" or spec.get("spec_version") != TEACHER_SPEC_VERSION:
-            raise ValueError(f"{spec_path}: not an EnsembleTeacher spec version {TEACHER_SPEC_VERSION} "
-                             f"(kind={spec.get('kind')!r}, spec_version={spec.get('spec_version')!r})")
+        spec = read_manifest(spec_path, ("kind", "EnsembleTeacher"), ("spec_version", TEACHER_SPEC_VERSION),
+                             "EnsembleTeacher spec")
         try:
             bspec = dict(spec["backbone"])
             if weights_path is not None:
@@ -1007,5 +984,5 @@ def run_teacher_training(config: "str | Path | dict | TeacherConfig", data_dir: 
         report["teacher_id"] = teacher.teacher_id
         report["total_seconds"] = time.time() - t0
         teacher.save(out_dir / "teacher")
-        _atomic_write_text(out_dir / "report.json", json.dumps(report, indent=2, default=str))
+        write_text_atomic(out_dir / "report.json", json.dumps(report, indent=2, default=str))
     return teacher, report

@@ -88,7 +88,7 @@ def test_sweep_over_k_and_comparison_table(data):
 
 def test_recalibrate_bn_sets_running_statistics_to_the_image_averages(data):
     from farm.analysis.shared import recalibrate_bn
-    from farm.data.images import recenter
+    from farm.models.input import recenter
 
     _, train, _, _, _ = data
     model = build_shared(3, N_NEURONS, image_size=SIZE, late_filters=4, seed=2).eval()

@@ -12,7 +12,8 @@ from farm.compress import (CompressConfig, CompressionResult, RealData, compress
                            prune_and_retrain)
 from farm.data.images import natural_like
 from farm.data.simulate import SimulationConfig, simulate_population
-from farm.distill import DistillConfig, predict, split_heldout, squared_pearson
+from farm.distill import DistillConfig, predict, squared_pearson
+from farm.teacher_responses import split_heldout
 from farm.models.compact import CompactSpec
 from farm.prune import PruneConfig
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from farm.config import ConfigError, load_job_config
-from farm.farm import parse_neuron_selection
+from farm.selection import parse_neuron_selection
 
 IDS = [f"190923:{i}" for i in range(12)] + [f"sim2:{i}" for i in range(4)]
 

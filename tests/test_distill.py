@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from farm.data.images import BankConfig, build_bank, natural_like, recenter
+from farm.data.images import BankConfig, build_bank, natural_like
+from farm.models.input import recenter
 from farm.data.simulate import SimulationConfig, simulate_population
-from farm.distill import (DistillConfig, TeacherResponses, compute_teacher_responses, distill,
-                          gaussian_weights, predict, recalibrate_bn_, responses_cache_path,
-                          smooth_kernels_, split_heldout, squared_pearson)
+from farm.distill import DistillConfig, distill, gaussian_weights, predict, recalibrate_bn_, smooth_kernels_, squared_pearson
+from farm.teacher_responses import TeacherResponses, compute_teacher_responses, responses_cache_path, split_heldout
 from farm.models.base import CompactTeacher
 from farm.models.compact import CompactSpec, build_compact
 
@@ -200,7 +200,7 @@ def test_teacher_responses_need_ids_to_cache_and_uint8_images(neurons, tmp_path)
 
 
 def test_teacher_fingerprint_follows_weights_and_selected_outputs(neurons):
-    from farm.distill import teacher_fingerprint
+    from farm.teacher_responses import teacher_fingerprint
     from farm.models.published import SelectOutputs
 
     full = CompactTeacher(neurons[:2])

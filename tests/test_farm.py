@@ -19,7 +19,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ import yaml
 
 from conftest import RAY_ENV
 from farm.config import load_job_config
-from farm.farm import NeuronInputs, compress_and_log, init_ray, run_neurons
+from farm.farm import NeuronInputs, compress_and_log, run_neurons
 from farm.tracking import TAG_ERROR, TAG_JOB, TAG_KIND, TAG_NEURON, Tracker
 
 REPO = Path(__file__).resolve().parents[1]
@@ -679,7 +678,7 @@ def test_teacher_responses_as_ray_tasks_equal_the_driver_pass(tiny_base, local_r
 
     from farm.data.images import BankConfig, build_bank
     from farm.data.simulate import load_ground_truth
-    from farm.distill import compute_teacher_responses
+    from farm.teacher_responses import compute_teacher_responses
     from farm.farm import ray_shard_runner
     from farm.pipeline import prepare_job
 

@@ -8,23 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from farm.data.images import (
-    RGB_MEANS,
-    BankConfig,
-    ImageBank,
-    augment,
-    build_bank,
-    dots,
-    gaudy,
-    gaussian_filter,
-    gratings,
-    natural_like,
-    pink_noise,
-    recenter,
-    resize,
-    uncenter,
-    white_noise,
-)
+from farm.data.images import RGB_MEANS, BankConfig, ImageBank, augment, build_bank, dots, gaudy, gaussian_filter, gratings, natural_like, pink_noise, resize, white_noise
+from farm.models.input import recenter, uncenter
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from farm.data.images import recenter
+from farm.models.input import recenter
 from farm.models.compact import CompactSpec, build_compact, narrow
 from farm.prune import (
     PruneConfig,

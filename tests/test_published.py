@@ -18,7 +18,8 @@ import pytest
 import torch
 from PIL import Image
 
-from farm.data.images import RGB_MEANS, recenter
+from farm.data.images import RGB_MEANS
+from farm.models.input import recenter
 from farm.models.published import (
     SHARED_NEURON_IDS,
     SelectOutputs,

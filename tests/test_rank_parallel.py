@@ -1,7 +1,6 @@
 """Maximizing natural images over a bank as Ray tasks equals ranking everything at once."""
 
 import numpy as np
-import pytest
 
 from farm.analysis.natural import iter_array_shards, rank_natural_images
 from farm.data.images import BankConfig, build_bank

@@ -8,7 +8,8 @@ import torch
 from farm.compress import CompressConfig, compress_neuron
 from farm.data.images import natural_like
 from farm.data.simulate import SimulationConfig, simulate_population
-from farm.distill import DistillConfig, distill, predict, split_heldout, squared_pearson
+from farm.distill import DistillConfig, distill, predict, squared_pearson
+from farm.teacher_responses import split_heldout
 from farm.models.compact import CompactSpec, build_compact, output_slice, rescale_outputs_
 from farm.recipes import RECIPES, compress_section, merge, resolve_recipe
 from farm.shared_start import SharedStartConfig, distill_shared, load_shared_start

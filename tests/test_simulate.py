@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from farm.data.images import natural_like, recenter
+from farm.data.images import natural_like
+from farm.models.input import recenter
 from farm.data.simulate import (
     GroundTruth,
     SimulationConfig,

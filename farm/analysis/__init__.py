@@ -27,7 +27,7 @@ Example::
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, fields, is_dataclass, replace
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import numpy as np

@@ -15,7 +15,6 @@ import contextlib
 import dataclasses
 import io
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from farm.files import write_bytes_atomic
 from farm.models.input import RGB_MEANS, recenter
 from farm.models.compact import CompactModel
 
@@ -169,13 +169,5 @@ def save_result_npz(result, path: str | os.PathLike) -> Path:
     arrays = {k: v for k, v in result_arrays(result).items() if v.dtype != object}
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(buf.getvalue())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    write_bytes_atomic(path, buf.getvalue())
     return path

@@ -3,14 +3,14 @@ figure registry, no display); ``save_figure`` writes one atomically. The caller 
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
+
+from farm.files import atomic_path
 
 
 def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 110) -> Path:
@@ -19,16 +19,8 @@ def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 110) -> Path:
     fmt = path.suffix.lstrip(".").lower()
     if not fmt:
         raise ValueError(f"{path}: give a file suffix (.png, .pdf, .svg) for the figure format")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format=fmt, dpi=dpi, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        fig.savefig(f, format=fmt, dpi=dpi, bbox_inches="tight")
     return path
 
 

@@ -1,7 +1,7 @@
 """Images: resizing, the gaudy transform, synthetic stimuli and the image bank.
 
 At rest images are uint8 RGB (N, H, W, 3). Models take float32 NCHW "recentered" input
-(``farm.models.input.recenter``, re-exported here).
+(``farm.models.input.recenter``).
 """
 
 from __future__ import annotations
@@ -9,22 +9,19 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
-import torch
 from PIL import Image
 
-from farm.dataclass_dict import from_dict, to_dict
+from farm.files import atomic_path, read_manifest, write_text_atomic
+from farm.dataclass_dict import from_dict
 
 log = logging.getLogger(__name__)
 
-# The model input (recentering, uint8 <-> float NCHW) lives with the models: farm.models.input.
-from farm.models.input import RGB_MEANS, recenter, tensor_view, uncenter  # noqa: E402,F401  (re-exported)
+from farm.models.input import RGB_MEANS  # noqa: E402  (the model input lives with the models)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -552,15 +549,6 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _shard_matches(path: Path, bank_id: str, index: int, n: int) -> bool:
     """True when ``path`` is a complete shard ``index`` of bank ``bank_id`` (for resuming)."""
     import pyarrow.parquet as pq
@@ -626,12 +614,8 @@ def build_bank(source_images, config: BankConfig, out_dir: str | Path,
             table = _shard_table(first, kinds, images)
             table = table.replace_schema_metadata({
                 "farm.bank_id": bank_id, "farm.shard": str(index), "farm.image_size": str(config.image_size)})
-            tmp = out / f"{name}.tmp-{os.getpid()}"
-            try:
+            with atomic_path(path) as tmp:
                 pq.write_table(table, tmp, row_group_size=ROW_GROUP_SIZE, compression="zstd")
-                os.replace(tmp, path)
-            finally:
-                tmp.unlink(missing_ok=True)
             log.info("image bank %s: wrote %s (%d images)", bank_id, name, n)
         shards.append({"file": name, "first_id": first, "n_images": n, "kinds": counts,
                        "sha256": _sha256_file(path)})
@@ -643,7 +627,7 @@ def build_bank(source_images, config: BankConfig, out_dir: str | Path,
                 "config": config.to_dict(), "source_hash": source_hash, "n_sources": len(sources),
                 "n_images": config.n_images, "image_size": config.image_size,
                 "row_group_size": ROW_GROUP_SIZE, "kind_counts": config.kind_counts(), "shards": shards}
-    _atomic_write_text(manifest_path, json.dumps(manifest, indent=2))
+    write_text_atomic(manifest_path, json.dumps(manifest, indent=2))
     return ImageBank(out)
 
 
@@ -657,16 +641,8 @@ class ImageBank:
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
         path = self.directory / BANK_FILE
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: missing; not an image bank (build one with build_bank)")
-        try:
-            manifest = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: corrupt bank manifest (not JSON): {e}") from e
-        if not isinstance(manifest, dict) or manifest.get("format") != BANK_FORMAT:
-            raise ValueError(f"{path}: not a farm image bank manifest (format != {BANK_FORMAT!r})")
-        if manifest.get("version") != BANK_VERSION:
-            raise ValueError(f"{path}: bank version {manifest.get('version')!r}, expected {BANK_VERSION}")
+        manifest = read_manifest(path, ("format", BANK_FORMAT), ("version", BANK_VERSION), "farm image bank",
+                                 "build one with build_bank")
         try:
             self.config = BankConfig.from_dict(manifest["config"])
             self.shards = [dict(s) for s in manifest["shards"]]

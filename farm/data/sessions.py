@@ -29,17 +29,16 @@ its bytes.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from farm.files import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -286,24 +285,15 @@ def write_session(session: Session, path: str | Path) -> Path:
     if not path.parent.is_dir():
         raise SessionError(f"{path}: cannot write: folder {path.parent} does not exist")
     table = _session_table(session, str(path))
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path, fsync=True) as tmp:
         pq.write_table(
-            table, tmp_name,
+            table, tmp,
             row_group_size=_ROW_GROUP_ROWS,
             compression=_COMPRESSION, compression_level=_COMPRESSION_LEVEL,
             use_dictionary=["kind"],
             write_statistics=["kind"],  # min/max of 37 kB pixel blobs would only bloat the footer
             write_page_checksum=True,
         )
-        with open(tmp_name, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
     return path
 
 

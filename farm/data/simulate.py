@@ -33,7 +33,6 @@ On disk (``write_population``):
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -42,8 +41,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from farm.files import read_manifest, write_text_atomic
 from farm.dataclass_dict import from_dict, to_dict
-from farm.data.images import gaudy, gaussian_filter, natural_like, recenter
+from farm.data.images import gaudy, gaussian_filter, natural_like
+from farm.models.input import recenter
 from farm.data.sessions import Session
 from farm.models.compact import CompactModel, CompactSpec, build_compact, load_compact, save_compact
 
@@ -576,29 +577,13 @@ def write_population(pop: SimulatedPopulation, out_dir: str | Path) -> Path:
                     for nid, m, p in zip(truth.neuron_ids, truth.models, truth.rate_params)],
         "rate_formula": "rate = scale * softplus(gain * output + offset), spikes per 100 ms",
     }
-    path = out / POPULATION_FILE
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(manifest, indent=2))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_text_atomic(out / POPULATION_FILE, json.dumps(manifest, indent=2))
     return out
 
 
 def _read_manifest(out_dir: Path) -> dict:
-    path = out_dir / POPULATION_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing; not a simulated population (see write_population)")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: corrupt population manifest (not JSON): {e}") from e
-    if not isinstance(manifest, dict) or manifest.get("format") != POPULATION_FORMAT:
-        raise ValueError(f"{path}: not a simulated-population manifest (format != {POPULATION_FORMAT!r})")
-    if manifest.get("version") != POPULATION_VERSION:
-        raise ValueError(f"{path}: version {manifest.get('version')!r}, expected {POPULATION_VERSION}")
-    return manifest
+    return read_manifest(out_dir / POPULATION_FILE, ("format", POPULATION_FORMAT), ("version", POPULATION_VERSION),
+                         "simulated population", "see write_population")
 
 
 def load_ground_truth(out_dir: str | Path, device: str | torch.device = "cpu") -> GroundTruth:

@@ -23,8 +23,6 @@ import contextlib
 import hashlib
 import logging
 import math
-import os
-import tempfile
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from farm.files import atomic_path
 from farm.models.compact import glorot_uniform_, same_pad
 
 log = logging.getLogger(__name__)
@@ -274,15 +273,8 @@ class FeatureCache:
 
 
 def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, array)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -40,3 +40,12 @@ def uncenter(x: torch.Tensor | np.ndarray) -> np.ndarray:
     x = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
     raw = x.transpose(0, 2, 3, 1) + RGB_MEANS
     return np.clip(np.rint(raw), 0, 255).astype(np.uint8)
+
+
+def check_images(images, what: str) -> np.ndarray:
+    """``images`` as an array when they are model input at rest (uint8 RGB (N, H, W, 3)), else a
+    ValueError naming ``what``."""
+    a = np.asarray(images)
+    if a.dtype != np.uint8 or a.ndim != 4 or a.shape[-1] != 3:
+        raise ValueError(f"{what} must be uint8 RGB (N, H, W, 3), got dtype {a.dtype} shape {a.shape}")
+    return a

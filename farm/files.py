@@ -1,0 +1,74 @@
+"""Files farm writes and reads back: atomic writes (a file appears complete under its name or not
+at all: a crash, a full disk or a killed worker leaves the old file, or nothing, never half a file)
+and versioned JSON manifests (a file of another kind or version is refused, naming the file).
+
+    with atomic_path(path) as tmp:        # any writer: np.save, torch.save, pq.write_table, savefig
+        torch.save(state, tmp)
+    write_text_atomic(path, text)
+    manifest = read_manifest(path, ("format", "farm-image-bank"), ("version", 1), "image bank")
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, fsync: bool = False) -> Iterator[Path]:
+    """A temp file next to ``path`` (same folder, so the rename is atomic) that replaces ``path``
+    when the block ends without an exception and is removed when it raises. The folder is created.
+    ``fsync``: flush the file to disk before the rename (for data that must survive a power loss)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        if fsync:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically; returns ``path``."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically; returns ``path``."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def read_manifest(path: str | os.PathLike, kind: tuple[str, str], version: tuple[str, int], what: str,
+                  missing: str = "") -> dict:
+    """The JSON mapping in ``path`` whose ``kind[0]`` field is ``kind[1]`` and ``version[0]`` field
+    is ``version[1]``; FileNotFoundError (with the ``missing`` hint) or ValueError naming the file,
+    what it should be and what it is."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; not a {what}" + (f" ({missing})" if missing else ""))
+    try:
+        d = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: corrupt {what} manifest (not JSON): {e}") from e
+    if not isinstance(d, dict) or d.get(kind[0]) != kind[1]:
+        got = d.get(kind[0]) if isinstance(d, dict) else type(d).__name__
+        raise ValueError(f"{path}: not a {what} ({kind[0]} {got!r}, expected {kind[1]!r})")
+    if d.get(version[0]) != version[1]:
+        raise ValueError(f"{path}: {what} {version[0]} {d.get(version[0])!r} is not supported "
+                         f"(expected {version[1]})")
+    return d
