@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from farm.dataclass_dict import from_dict, to_dict
-from farm.models.input import check_images as _check_images, recenter, tensor_view
+from farm.models.input import check_images as _check_images, predict, recenter, tensor_view  # noqa: F401 (predict: farm.distill.predict)
 from farm.models.compact import CompactModel, rescale_outputs_
 
 log = logging.getLogger(__name__)
@@ -206,24 +206,6 @@ class DistillResult:
 
 
 @torch.no_grad()
-def predict(model: CompactModel, images: np.ndarray, batch_size: int = 256,
-            device: str | torch.device | None = None) -> np.ndarray:
-    """Model outputs on uint8 images (N, H, W, 3) in eval mode -> float32 (N,) for one output or
-    (N, n_outputs). ``device``: where the model is (default: where its parameters are). The model's
-    train/eval mode is restored afterwards."""
-    images = _check_images(images, "predict: images")
-    dev = torch.device(device) if device is not None else next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        out = [model(recenter(images[s:s + batch_size], dev)).float().cpu()
-               for s in range(0, len(images), batch_size)]
-    finally:
-        model.train(was_training)
-    y = torch.cat(out).numpy()
-    return y[:, 0] if y.shape[1] == 1 else y
-
-
 @torch.no_grad()
 def recalibrate_bn_(model: torch.nn.Module, images: np.ndarray | torch.Tensor, batch_size: int = 256,
                     device: str | torch.device | None = None) -> CompactModel:

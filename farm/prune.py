@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import copy
 import logging
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -36,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from farm.dataclass_dict import from_dict, to_dict
-from farm.models.input import recenter
+from farm.models.input import eval_mode, recenter
 from farm.models.compact import CompactModel, CompactSpec, narrow, same_pad
 
 log = logging.getLogger(__name__)
@@ -210,7 +209,7 @@ def prune_last_layer(model: CompactModel, images, targets, config: PruneConfig |
     """
     config = config or PruneConfig()
     device = _device(device)
-    with _evaluating(_on_device(model, device)) as model:
+    with eval_mode(_on_device(model, device)) as model:
         return _last_layer_decision(model, images, targets, config, device)
 
 
@@ -259,7 +258,7 @@ def prune_layer(model: CompactModel, layer: int, images, config: PruneConfig | N
     config = config or PruneConfig()
     _check_layer(layer, range(N_LAYERS - 1))
     device = _device(device)
-    with _evaluating(_on_device(model, device)) as model:
+    with eval_mode(_on_device(model, device)) as model:
         return _reconstruction_decision(model, layer, images, config, device)
 
 
@@ -314,7 +313,7 @@ def ablate_layer(model: CompactModel, layer: int, images, targets, config: Prune
     config = config or PruneConfig()
     _check_layer(layer, range(N_LAYERS))
     device = _device(device)
-    with _evaluating(_on_device(model, device)) as model:
+    with eval_mode(_on_device(model, device)) as model:
         return _ablation_decision(model, layer, images, targets, config, device)
 
 
@@ -476,17 +475,6 @@ def _on_device(model: CompactModel, device) -> CompactModel:
         raise TypeError(f"expected a CompactModel, got {type(model).__name__}")
     on = next(model.parameters()).device == device
     return model if on else copy.deepcopy(model).to(device)
-
-
-@contextmanager
-def _evaluating(model: CompactModel):
-    """Eval mode (BN running statistics) for the duration, then the model's own mode again."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
 
 
 def _batches(model: CompactModel, images, batch_size: int, device):

@@ -161,8 +161,8 @@ def adversarial_images(model: CompactModel, base_images: np.ndarray, params: Adv
     images = _to_uint8(base_images, deltas.transpose(0, 2, 3, 1), params.norm, params.budget)
     return AdversarialResult(
         base_images=base_images, images=images,
-        base_responses=predict(model, base_images, output=output, device=dev),
-        responses=predict(model, images, output=output, device=dev),
+        base_responses=predict(model, base_images, output=output, device=dev, dtype=np.float64),
+        responses=predict(model, images, output=output, device=dev, dtype=np.float64),
         distances=pixel_distance(images, base_images, params.norm), reached=reached, steps=steps,
         output=output, params=params)
 

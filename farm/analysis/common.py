@@ -11,19 +11,17 @@ Conventions of every analysis in ``farm.analysis``:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import io
 import os
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from farm.files import write_bytes_atomic
-from farm.models.input import RGB_MEANS, recenter
+from farm.models.input import RGB_MEANS, check_size, eval_mode, predict, recenter  # noqa: F401 (used by the analyses)
 from farm.models.compact import CompactModel
 
 
@@ -46,13 +44,6 @@ def check_output(model: CompactModel, output: int) -> int:
     return int(output)
 
 
-def check_size(model: CompactModel, images: np.ndarray, what: str) -> None:
-    s = model.spec.image_size
-    if images.shape[1:3] != (s, s):
-        raise ValueError(f"{what} are {images.shape[1]}x{images.shape[2]} px but the model takes "
-                         f"{s}x{s} (spec.image_size)")
-
-
 def model_device(model: torch.nn.Module, device=None) -> torch.device:
     """The device to run on: ``device`` (the model is moved there, in place) or the model's own."""
     if device is None:
@@ -65,17 +56,6 @@ def model_dtype(model: torch.nn.Module) -> torch.dtype:
     return next(model.parameters()).dtype
 
 
-@contextlib.contextmanager
-def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """Run ``model`` in eval mode and restore its train/eval state afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
-
-
 def to_model_input(images: np.ndarray, model: CompactModel, device) -> torch.Tensor:
     """uint8 (N, H, W, 3) -> recentered (N, 3, H, W) on ``device`` in the model's dtype."""
     return recenter(images, device).to(model_dtype(model))
@@ -85,22 +65,6 @@ def pixel_bounds(device, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tenso
     """Recentered-space bounds (1, 3, 1, 1) that keep raw pixels in [0, 255] (method.md §7.1)."""
     means = torch.as_tensor(RGB_MEANS, device=device, dtype=dtype).view(1, 3, 1, 1)
     return -means, 255.0 - means
-
-
-def predict(model: CompactModel, images: np.ndarray, output: int | None = 0, batch_size: int = 64,
-            device=None) -> np.ndarray:
-    """Model outputs for uint8 images (N, H, W, 3) in eval mode -> float64 (N,) for ``output``,
-    or (N, n_outputs) when ``output`` is None."""
-    images = check_images(images, "images")
-    check_size(model, images, "images")
-    dev = model_device(model, device)
-    out = []
-    with eval_mode(model), torch.no_grad():
-        for s in range(0, len(images), batch_size):
-            y = model(to_model_input(images[s:s + batch_size], model, dev))
-            out.append(y.double().cpu())
-    y = torch.cat(out).numpy()
-    return y if output is None else y[:, check_output(model, output)]
 
 
 def gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> np.ndarray:

@@ -149,7 +149,7 @@ def location_tuning(model: CompactModel, params: DotParams | None = None, output
     """(grid (G,), responses (G, G)) to a dot of ``location_radius`` at every grid point."""
     params = params or DotParams()
     stim, g = location_stimuli(model.spec.image_size, params)
-    r = predict(model, stim, output=output, batch_size=params.batch_size, device=device)
+    r = predict(model, stim, output=output, batch_size=params.batch_size, device=device, dtype=np.float64)
     return g, r.reshape(len(g), len(g))
 
 
@@ -158,7 +158,7 @@ def size_tuning(model: CompactModel, center, params: DotParams | None = None, ou
     """Responses (len(radii),) to one dot of each radius at ``center`` (y, x) px."""
     params = params or DotParams()
     stim = size_stimuli(model.spec.image_size, center, params.radii, params)
-    return predict(model, stim, output=output, batch_size=params.batch_size, device=device)
+    return predict(model, stim, output=output, batch_size=params.batch_size, device=device, dtype=np.float64)
 
 
 def number_tuning(model: CompactModel, center, radius: float, params: DotParams | None = None, output: int = 0,
@@ -166,7 +166,7 @@ def number_tuning(model: CompactModel, center, radius: float, params: DotParams 
     """Responses (len(counts), n_per_count) to random dot placements near ``center``."""
     params = params or DotParams()
     stim = number_stimuli(model.spec.image_size, center, radius, params)
-    r = predict(model, stim, output=output, batch_size=params.batch_size, device=device)
+    r = predict(model, stim, output=output, batch_size=params.batch_size, device=device, dtype=np.float64)
     return r.reshape(len(params.counts), params.n_per_count)
 
 

@@ -187,7 +187,8 @@ def r2_to_teacher(model: CompactModel, images: np.ndarray, targets: np.ndarray, 
                   device=None) -> np.ndarray:
     """Squared Pearson r per output between model and teacher on images -> float64 (n_outputs,).
     NaN where either side is constant."""
-    pred = predict(model, images, output=None, batch_size=batch_size, device=device)
+    pred = predict(model, images, output=None, batch_size=batch_size, device=device, dtype=np.float64)
+    pred = pred.reshape(len(images), -1)
     t = _check_targets(targets, len(images), model.spec.n_outputs, "teacher targets").astype(np.float64)
     pc, tc = pred - pred.mean(0), t - t.mean(0)
     den = np.sqrt((pc ** 2).sum(0) * (tc ** 2).sum(0))

@@ -142,7 +142,7 @@ def synthesize(model: CompactModel, params: SynthParams | None = None, output: i
                 if params.image_blur_every and step > 0 and step % params.image_blur_every == 0:
                     x = gaussian_blur(x, params.image_blur_sigma)
     images = uncenter(best_x)
-    responses = predict(model, images, output=output, device=dev)
+    responses = predict(model, images, output=output, device=dev, dtype=np.float64)
     log.debug("synthesize(%s): best %s", params.direction, responses)
     return SynthResult(images=images, responses=responses, float_responses=best_r.cpu().numpy(),
                        traces=traces, output=output, params=params)

@@ -1,11 +1,15 @@
-"""The model input: images at rest are uint8 RGB (N, H, W, 3); models take float32 NCHW
-"recentered" input: raw 0-255 minus the per-channel RGB means of the paper's distillation set
-(method.md §1.3-§1.4), no scaling. ``recenter`` and ``uncenter`` convert between the two.
+"""The model input and running a model on it: images at rest are uint8 RGB (N, H, W, 3); models
+take float32 NCHW "recentered" input: raw 0-255 minus the per-channel RGB means of the paper's
+distillation set (method.md §1.3-§1.4), no scaling. ``recenter`` and ``uncenter`` convert between
+the two; ``predict`` is THE way to run a model (compact, shared or any module with that input) on
+images, in eval mode, its own mode restored (``eval_mode``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -49,3 +53,48 @@ def check_images(images, what: str) -> np.ndarray:
     if a.dtype != np.uint8 or a.ndim != 4 or a.shape[-1] != 3:
         raise ValueError(f"{what} must be uint8 RGB (N, H, W, 3), got dtype {a.dtype} shape {a.shape}")
     return a
+
+
+def check_size(model: torch.nn.Module, images: np.ndarray, what: str) -> None:
+    """ValueError when ``images`` are not the model's ``spec.image_size`` (models without a spec pass)."""
+    spec = getattr(model, "spec", None)
+    s = getattr(spec, "image_size", None)
+    if s is not None and tuple(images.shape[1:3]) != (s, s):
+        raise ValueError(f"{what} are {images.shape[1]}x{images.shape[2]} px but the model takes "
+                         f"{s}x{s} (spec.image_size)")
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Run ``model`` in eval mode (BN running statistics) and restore its train/eval state afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, images: np.ndarray, batch_size: int = 256,
+            device: str | torch.device | None = None, *, output: int | None = None, dtype=np.float32) -> np.ndarray:
+    """The model's outputs on uint8 images (N, H, W, 3), in eval mode -> ``dtype`` (N,) for
+    ``output`` (an index) or, with ``output`` None, (N,) for a one-output model and (N, n_outputs)
+    otherwise. ``device``: where to run (the model is moved there); default where its parameters
+    are. The input is cast to the model's dtype."""
+    images = check_images(images, "predict: images")
+    check_size(model, images, "predict: images")
+    p = next(model.parameters())
+    dev = p.device if device is None else torch.device(device)
+    if device is not None:
+        model.to(dev)
+    with eval_mode(model):
+        out = [model(recenter(images[s:s + batch_size], dev).to(p.dtype)).cpu()
+               for s in range(0, len(images), batch_size)]
+    y = torch.cat(out).numpy().astype(dtype, copy=False)
+    if output is not None:
+        n = y.shape[1]
+        if not -n <= int(output) < n:
+            raise ValueError(f"predict: output {output} out of range for a model with {n} outputs")
+        return y[:, int(output)]
+    return y[:, 0] if y.shape[1] == 1 else y
