@@ -46,7 +46,8 @@ from farm.dataclass_dict import from_dict, to_dict
 from farm.data.images import gaudy, gaussian_filter, natural_like
 from farm.models.input import recenter
 from farm.data.sessions import Session
-from farm.models.compact import CompactModel, CompactSpec, build_compact, load_compact, save_compact
+from farm.models.compact import (CompactModel, CompactSpec, build_compact, glorot_limit, load_compact, same_pad_amounts,
+                                 save_compact)
 
 POPULATION_FILE = "population.json"
 POPULATION_FORMAT = "farm-simulated-population"
@@ -168,9 +169,7 @@ def _same_conv_geometry(size: int, stride: int, kernel: int = 5) -> tuple[int, i
     """Keras 'same' as a plain conv: (padding, leading zero taps). Keras pads ``top`` before and
     ``bottom`` >= top after; a conv padding ``bottom`` on both sides whose kernel starts with
     bottom - top zero taps reads the same pixels, and avoids copying the input into a padded one."""
-    out = -(-size // stride)
-    total = max((out - 1) * stride + kernel - size, 0)
-    top, bottom = total // 2, total - total // 2
+    top, bottom = same_pad_amounts(size, kernel, stride)
     return bottom, bottom - top
 
 
@@ -367,7 +366,8 @@ def _smooth_kernels(w: np.ndarray, sigma: float) -> np.ndarray:
 
 
 def _glorot(rng: np.random.Generator, shape, fan_in: int, fan_out: int) -> np.ndarray:
-    limit = np.sqrt(6.0 / (fan_in + fan_out))
+    """``glorot_uniform_``'s draw from a NumPy generator (the population is drawn in NumPy)."""
+    limit = glorot_limit(fan_in, fan_out)
     return rng.uniform(-limit, limit, shape)
 
 

@@ -136,22 +136,28 @@ class CompactSpec:
         return 2 * k[0] + k[1] + k[2] + k[3] + k[4]
 
 
+def same_pad_amounts(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    """Keras 'same' padding of one axis: (before, after), the extra pixel after (bottom/right)."""
+    out = math.ceil(size / stride)
+    total = max((out - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
 def same_pad(x: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
-    """Keras 'same' padding: total pad split with the extra pixel after (bottom/right)."""
+    """Keras 'same' padding of an NCHW tensor (``same_pad_amounts`` on H and W)."""
     h, w = x.shape[-2:]
-
-    def amounts(n):
-        out = math.ceil(n / stride)
-        total = max((out - 1) * stride + kernel - n, 0)
-        return total // 2, total - total // 2
-
-    top, bottom = amounts(h)
-    left, right = amounts(w)
+    top, bottom = same_pad_amounts(h, kernel, stride)
+    left, right = same_pad_amounts(w, kernel, stride)
     return F.pad(x, (left, right, top, bottom))
 
 
+def glorot_limit(fan_in: int, fan_out: int) -> float:
+    """Glorot (Xavier) uniform's bound: weights ~ U(-limit, limit) (Keras' default initializer)."""
+    return math.sqrt(6.0 / (fan_in + fan_out))
+
+
 def glorot_uniform_(t: torch.Tensor, fan_in: int, fan_out: int) -> None:
-    limit = math.sqrt(6.0 / (fan_in + fan_out))
+    limit = glorot_limit(fan_in, fan_out)
     with torch.no_grad():
         t.uniform_(-limit, limit)
 
