@@ -100,9 +100,9 @@ def cmd_ui(args) -> int:
 
 # -- teacher ----------------------------------------------------------------------------------------
 def cmd_teacher(args) -> int:
-    from farm import pipeline
+    from farm.teacher_cli import teacher_command
 
-    return pipeline.teacher_command(args)
+    return teacher_command(args)
 
 
 # -- analysis ---------------------------------------------------------------------------------------

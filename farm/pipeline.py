@@ -20,9 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from farm.files import write_text_atomic
-from farm.config import JobConfig, load_job_config, read_yaml, resolve_config_path, store_uri
+from farm.config import JobConfig, load_job_config, read_yaml, resolve_config_path
 from farm.farm import JobResult, NeuronInputs, init_job_ray, run_neurons
 from farm.selection import neuron_sort_key, parse_neuron_selection
+from farm.teacher_sources import PUBLISHED_KINDS, published_teacher
 from farm.tracking import Tracker, ui_command
 
 log = logging.getLogger(__name__)
@@ -94,18 +95,9 @@ def prepare_teacher(cfg: JobConfig, sessions, truth, sessions_dir: Path, tracker
         teacher = truth.subset(ids)
         return teacher, {"kind": "ground_truth", "teacher_id": f"truth-{Path(cfg.data.dir).name}",
                          "pretrained": None}
-    if t.kind == "shared_compact":
-        from farm.models.published import shared_compact_teacher
-
-        teacher = shared_compact_teacher(t.path, sessions=[t.session] if t.session else None)
-        return teacher, {"kind": "shared_compact", "path": str(t.path), "pretrained": None,
-                         "teacher_id": f"shared-{Path(t.path).stem}-{t.session or 'all'}"}
-    if t.kind == "published_compact":
-        from farm.models.published import published_compact_teacher
-
-        teacher = published_compact_teacher(t.path, t.session or "190923")
-        return teacher, {"kind": "published_compact", "path": str(t.path), "pretrained": None,
-                         "teacher_id": f"published-{t.session or '190923'}"}
+    if t.kind in PUBLISHED_KINDS:
+        teacher, teacher_id = published_teacher(t.kind, t.path, t.session)
+        return teacher, {"kind": t.kind, "path": str(t.path), "pretrained": None, "teacher_id": teacher_id}
     from farm.teacher import EnsembleTeacher, run_teacher_training
 
     tdir = Path(t.path) if t.path else out / "teacher"
@@ -497,69 +489,3 @@ def print_summary(summary: list, title: str = "") -> None:
     if summary:
         print(f"median parameters: {int(np.median([s['param_count'] for s in summary])):,}; "
               f"median R² to teacher: {np.median([s['r2_teacher_heldout'] for s in summary]):.3f}")
-
-
-# -- CLI helpers for `farm teacher` and `farm analyze` ----------------------------------------------
-def teacher_command(args) -> int:
-    from farm.teacher import evaluate_teacher, run_teacher_training
-
-    if args.teacher_cmd == "train":
-        tracker = Tracker.open(args.tracking_uri or store_uri(), args.experiment)
-        cfgd = read_yaml(args.config)
-        run = tracker.start_job(f"teacher-{Path(args.out).resolve().name}-{int(time.time())}",
-                                params={"config": json.dumps(cfgd, default=str)}, kind="teacher")
-        step = {"n": 0}
-
-        def cb(event, info):
-            nums = {f"{event}.{k}": v for k, v in info.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-            tracker.log_metrics(run, nums, step=step["n"])
-            step["n"] += 1
-            print(f"[teacher] {event}: " + ", ".join(f"{k}={v:.4g}" for k, v in nums.items()))
-
-        teacher, report = run_teacher_training(cfgd, args.data, args.out, callback=cb)
-        tracker.client.set_tag(run, "farm.teacher_pretrained", str(teacher.pretrained).lower())
-        if not teacher.pretrained:
-            tracker.client.set_tag(run, "farm.warning", "random-init backbone: no ImageNet weights file given")
-        tracker.log_artifacts(run, Path(args.out), "teacher")
-        tracker.end_run(run)
-        print(json.dumps({k: v for k, v in report.items() if not isinstance(v, (list, dict))}, indent=2))
-        return 0
-    if args.teacher_cmd == "import":
-        from farm.models.published import published_compact_teacher, shared_compact_teacher
-
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        t = (shared_compact_teacher(args.path, sessions=[args.session] if args.session else None)
-             if args.kind == "shared_compact" else published_compact_teacher(args.path, args.session or "190923"))
-        ref = {"kind": args.kind, "path": str(Path(args.path).resolve()), "session": args.session,
-               "neuron_ids": list(t.neuron_ids)}
-        (out / "teacher_ref.json").write_text(json.dumps(ref, indent=2))
-        print(f"teacher reference ({len(t.neuron_ids)} neurons) -> {out / 'teacher_ref.json'}")
-        return 0
-    teacher = _load_any_teacher(args.teacher)
-    if args.teacher_cmd == "evaluate":
-        from farm.data.sessions import read_session
-
-        s = read_session(args.session)
-        print(json.dumps(evaluate_teacher(teacher, s, "second"), indent=2, default=float))
-        return 0
-    if args.teacher_cmd == "predict":
-        images = np.load(args.images)
-        np.save(args.out, teacher.predict(images))
-        print(f"{images.shape[0]} images x {len(teacher.neuron_ids)} neurons -> {args.out}")
-        return 0
-    raise ValueError(f"unknown teacher command {args.teacher_cmd}")
-
-
-def _load_any_teacher(path: str):
-    p = Path(path)
-    if (p / "teacher_ref.json").is_file():
-        from farm.models.published import published_compact_teacher, shared_compact_teacher
-
-        ref = json.loads((p / "teacher_ref.json").read_text())
-        if ref["kind"] == "shared_compact":
-            return shared_compact_teacher(ref["path"], sessions=[ref["session"]] if ref["session"] else None)
-        return published_compact_teacher(ref["path"], ref["session"] or "190923")
-    from farm.teacher import EnsembleTeacher
-
-    return EnsembleTeacher.load(p / "teacher" if (p / "teacher" / "teacher.json").is_file() else p)

@@ -1,0 +1,56 @@
+"""``farm teacher train | import | evaluate | predict``: the teacher subcommands (CLI handlers)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from farm.config import read_yaml, store_uri
+from farm.teacher_sources import load_teacher_folder, write_teacher_ref
+from farm.tracking import Tracker
+
+
+def teacher_command(args) -> int:
+    from farm.teacher import evaluate_teacher, run_teacher_training
+
+    if args.teacher_cmd == "train":
+        tracker = Tracker.open(args.tracking_uri or store_uri(), args.experiment)
+        cfgd = read_yaml(args.config)
+        run = tracker.start_job(f"teacher-{Path(args.out).resolve().name}-{int(time.time())}",
+                                params={"config": json.dumps(cfgd, default=str)}, kind="teacher")
+        step = {"n": 0}
+
+        def cb(event, info):
+            nums = {f"{event}.{k}": v for k, v in info.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            tracker.log_metrics(run, nums, step=step["n"])
+            step["n"] += 1
+            print(f"[teacher] {event}: " + ", ".join(f"{k}={v:.4g}" for k, v in nums.items()))
+
+        teacher, report = run_teacher_training(cfgd, args.data, args.out, callback=cb)
+        tracker.client.set_tag(run, "farm.teacher_pretrained", str(teacher.pretrained).lower())
+        if not teacher.pretrained:
+            tracker.client.set_tag(run, "farm.warning", "random-init backbone: no ImageNet weights file given")
+        tracker.log_artifacts(run, Path(args.out), "teacher")
+        tracker.end_run(run)
+        print(json.dumps({k: v for k, v in report.items() if not isinstance(v, (list, dict))}, indent=2))
+        return 0
+    if args.teacher_cmd == "import":
+        ref = write_teacher_ref(args.out, args.kind, args.path, args.session)
+        print(f"teacher reference ({len(json.loads(ref.read_text())['neuron_ids'])} neurons) -> {ref}")
+        return 0
+    teacher = load_teacher_folder(args.teacher)
+    if args.teacher_cmd == "evaluate":
+        from farm.data.sessions import read_session
+
+        s = read_session(args.session)
+        print(json.dumps(evaluate_teacher(teacher, s, "second"), indent=2, default=float))
+        return 0
+    if args.teacher_cmd == "predict":
+        images = np.load(args.images)
+        np.save(args.out, teacher.predict(images))
+        print(f"{images.shape[0]} images x {len(teacher.neuron_ids)} neurons -> {args.out}")
+        return 0
+    raise ValueError(f"unknown teacher command {args.teacher_cmd}")
