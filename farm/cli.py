@@ -216,8 +216,15 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("farm: interrupted; finished neurons are kept: rerun the same command to resume", file=sys.stderr)
+        return 130
     except (ValueError, FileNotFoundError) as e:
         print(f"farm: error: {e}", file=sys.stderr)
+        return 2
+    except PermissionError as e:
+        print(f"farm: error: cannot write {e.filename or ''}: {e.strerror} (choose a writable out_dir / "
+              f"data.dir, e.g. out_dir=/tmp/farm_runs/job)", file=sys.stderr)
         return 2
 
 

@@ -8,6 +8,7 @@ so a re-run after a crash only redoes what is missing. MLflow and Ray are touche
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -295,6 +296,20 @@ def _tracker(cfg: JobConfig) -> Tracker:
     return Tracker.open(cfg.tracking_uri(), cfg.tracking.experiment)
 
 
+@contextlib.contextmanager
+def _killed_on_interrupt(tracker: Tracker, parent: str):
+    """Ctrl-C: the job's run and its runs still RUNNING end KILLED (a rerun resumes), then re-raise."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        with contextlib.suppress(Exception):
+            for r in tracker.child_runs(parent):
+                if r.info.status == "RUNNING":
+                    tracker.end_run(r.info.run_id, "KILLED")
+            tracker.end_run(parent, "KILLED")
+        raise
+
+
 def run_compress_job(cfg: JobConfig, progress: bool = True, prepared: PreparedJob | None = None) -> JobResult:
     """Compress the selected neurons of the teacher: one Ray task and one MLflow child run each."""
     from farm import plots
@@ -311,12 +326,13 @@ def run_compress_job(cfg: JobConfig, progress: bool = True, prepared: PreparedJo
     todo = [n for n in neurons if n not in done]
     log.info("job %s: %d neurons selected, %d already finished, %d to compress", job_id, len(neurons),
              len(neurons) - len(todo), len(todo))
-    init_job_ray(cfg, tracker)
-    rows = run_neurons(todo, prepared.inputs, cfg.compress, cfg.seed, tracker, parent,
-                       num_cpus=cfg.farm.num_cpus, num_gpus=cfg.farm.num_gpus,
-                       max_retries=cfg.farm.max_retries, device=cfg.farm.device,
-                       register=cfg.tracking.register_models, progress=progress,
-                       pack=cfg.farm.pack) if todo else []
+    with _killed_on_interrupt(tracker, parent):
+        init_job_ray(cfg, tracker)
+        rows = run_neurons(todo, prepared.inputs, cfg.compress, cfg.seed, tracker, parent,
+                           num_cpus=cfg.farm.num_cpus, num_gpus=cfg.farm.num_gpus,
+                           max_retries=cfg.farm.max_retries, device=cfg.farm.device,
+                           register=cfg.tracking.register_models, progress=progress,
+                           pack=cfg.farm.pack) if todo else []
     # Job-level figures over every finished neuron (this run's and earlier runs').
     finished = [r for r in tracker.child_runs(parent, "neuron") if r.info.status == "FINISHED"]
     summary = [_row_from_run(r, prepared) for r in finished]
@@ -355,13 +371,14 @@ def run_sweep_job(cfg: JobConfig, progress: bool = True, prepared: PreparedJob |
     job_id = cfg.resolved_job_id() + "-sweep"
     parent = tracker.start_job(job_id, params={**_job_params(cfg, prepared), "sweep": cfg.sweep.__dict__},
                                tags=_job_tags(cfg, prepared), kind="sweep")
-    init_job_ray(cfg, tracker)
-    results = run_sweep(neurons, prepared.inputs, cfg.compress, cfg.sweep.taus, cfg.sweep.criteria, tracker,
-                        parent, storage_path=str(Path(cfg.out_dir).resolve() / "tune"), name=job_id,
-                        seed=cfg.seed, eps=cfg.sweep.eps, search=cfg.sweep.search,
-                        num_samples=cfg.sweep.num_samples, max_concurrent=cfg.sweep.max_concurrent,
-                        max_failures=cfg.sweep.max_failures, num_cpus=cfg.farm.num_cpus,
-                        num_gpus=cfg.farm.num_gpus, device=cfg.farm.device, progress=progress)
+    with _killed_on_interrupt(tracker, parent):
+        init_job_ray(cfg, tracker)
+        results = run_sweep(neurons, prepared.inputs, cfg.compress, cfg.sweep.taus, cfg.sweep.criteria, tracker,
+                            parent, storage_path=str(Path(cfg.out_dir).resolve() / "tune"), name=job_id,
+                            seed=cfg.seed, eps=cfg.sweep.eps, search=cfg.sweep.search,
+                            num_samples=cfg.sweep.num_samples, max_concurrent=cfg.sweep.max_concurrent,
+                            max_failures=cfg.sweep.max_failures, num_cpus=cfg.farm.num_cpus,
+                            num_gpus=cfg.farm.num_gpus, device=cfg.farm.device, progress=progress)
     tracker.end_run(parent, "FINISHED")
     if progress:
         print("\nsweep (per neuron: trials, Pareto front, chosen = smallest with R² >= "

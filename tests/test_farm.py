@@ -722,3 +722,43 @@ def test_summary_table_shows_the_teacher_on_real_data_next_to_the_compact_model(
     assert first[-2:] == ["0.109", "0.512"]
     print_summary([{k: v for k, v in row.items() if k != "teacher_real_r2"}])
     assert "teacher r2_raw" not in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_ctrl_c_prints_one_line_marks_the_runs_killed_and_a_rerun_resumes(tiny_base, ray_tmp, tmp_path):
+    """SIGINT (Ctrl-C) to a running job: exit 130 with one sentence and no traceback, the job's run
+    and its unfinished neuron runs KILLED; the rerun finishes the rest without duplicates."""
+    from mlflow import MlflowClient
+
+    cfg_path = write_config(tmp_path, tiny_base, neurons="sim1")
+    cfg = load_job_config(cfg_path)
+    env = {**os.environ, **RAY_ENV, "RAY_TMPDIR": ray_tmp, "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)
+    cmd = [sys.executable, "-m", "farm.cli", "compress", "--config", str(cfg_path)]
+    client = MlflowClient(cfg.tracking.uri)
+
+    def runs(kind: str) -> list:
+        exp = client.get_experiment_by_name("tiny")
+        return [] if exp is None else client.search_runs([exp.experiment_id], f"tags.`{TAG_KIND}` = '{kind}'")
+
+    first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and first.poll() is None and not runs("neuron"):
+            time.sleep(0.5)
+        assert first.poll() is None and runs("neuron"), "no neuron run started in time"
+        first.send_signal(signal.SIGINT)
+        out, err = first.communicate(timeout=120)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 130, err[-3000:]
+    assert "farm: interrupted; finished neurons are kept: rerun the same command to resume" in err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    assert [r.info.status for r in runs("job")] == ["KILLED"]
+    assert not [r for r in runs("neuron") if r.info.status == "RUNNING"]
+    second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    finished = [r for r in runs("neuron") if r.info.status == "FINISHED"]
+    assert sorted(r.data.tags[TAG_NEURON] for r in finished) == [f"sim1:{i}" for i in range(N_NEURONS)]
+    assert [r.info.status for r in runs("job")] == ["FINISHED"]
