@@ -6,6 +6,7 @@ and versioned JSON manifests (a file of another kind or version is refused, nami
         torch.save(state, tmp)
     write_text_atomic(path, text)
     manifest = read_manifest(path, ("format", "farm-image-bank"), ("version", 1), "image bank")
+    state = load_state_dict(path)          # tensors only: a pickle of anything else is refused
 """
 
 from __future__ import annotations
@@ -72,3 +73,26 @@ def read_manifest(path: str | os.PathLike, kind: tuple[str, str], version: tuple
         raise ValueError(f"{path}: {what} {version[0]} {d.get(version[0])!r} is not supported "
                          f"(expected {version[1]})")
     return d
+
+
+def load_state_dict(path: str | os.PathLike, map_location="cpu") -> dict:
+    """The tensors in a ``torch.save``d state_dict, loaded with ``weights_only=True``: a file holding
+    any other pickled object (code could run on load) is refused, and so is an unreadable one,
+    with a sentence naming the file."""
+    import pickle
+
+    import torch
+
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e):  # not a pickle torch can read at all
+            raise ValueError(f"{path}: not a readable PyTorch state_dict (UnpicklingError)") from None
+        raise ValueError(f"refusing to load {path}: not a plain state_dict (it holds pickled objects "
+                         f"other than tensors)") from None
+    except Exception as e:  # noqa: BLE001 - a damaged file surfaces as OSError, RuntimeError, EOFError, ...
+        raise ValueError(f"{path}: not a readable PyTorch state_dict ({type(e).__name__})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"refusing to load {path}: not a state_dict (a {type(state).__name__})")
+    return state

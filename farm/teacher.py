@@ -40,7 +40,7 @@ import numpy as np
 import torch
 import yaml
 
-from farm.files import atomic_path, read_manifest, write_text_atomic
+from farm.files import atomic_path, load_state_dict, read_manifest, write_text_atomic
 from farm.dataclass_dict import ConfigValueError, from_dict, read_yaml_mapping, to_dict
 from farm import metrics
 from farm.data.sessions import Session
@@ -482,7 +482,7 @@ class EnsembleTeacher:
             head = ReadoutHead.from_meta(spec["head"]) if spec.get("head") else None
         except (KeyError, TypeError) as e:
             raise ValueError(f"{spec_path}: incomplete teacher spec ({e})") from e
-        state = torch.load(sd_path, map_location="cpu", weights_only=True)
+        state = load_state_dict(sd_path)
         try:
             for k, m in enumerate(members):
                 prefix = f"members.{k}."

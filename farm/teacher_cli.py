@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from farm.config import read_yaml, store_uri
+from farm.models.input import check_images
 from farm.teacher_sources import load_teacher_folder, write_teacher_ref
 from farm.tracking import Tracker
 
@@ -41,6 +42,8 @@ def teacher_command(args) -> int:
         ref = write_teacher_ref(args.out, args.kind, args.path, args.session)
         print(f"teacher reference ({len(json.loads(ref.read_text())['neuron_ids'])} neurons) -> {ref}")
         return 0
+    if args.teacher_cmd == "predict":  # the images are checked before any teacher work
+        images = _load_images(args.images)
     teacher = load_teacher_folder(args.teacher)
     if args.teacher_cmd == "evaluate":
         from farm.data.sessions import read_session
@@ -49,8 +52,20 @@ def teacher_command(args) -> int:
         print(json.dumps(evaluate_teacher(teacher, s, "second"), indent=2, default=float))
         return 0
     if args.teacher_cmd == "predict":
-        images = np.load(args.images)
         np.save(args.out, teacher.predict(images))
         print(f"{images.shape[0]} images x {len(teacher.neuron_ids)} neurons -> {args.out}")
         return 0
     raise ValueError(f"unknown teacher command {args.teacher_cmd}")
+
+
+def _load_images(path) -> np.ndarray:
+    """Images for ``farm teacher predict``: uint8 RGB (N, H, W, 3), 0-255 (floats in [0, 1] are refused
+    with a hint rather than read as near-black 0-255 images)."""
+    images = np.load(path, allow_pickle=False)
+    if images.dtype != np.uint8:
+        floats01 = (np.issubdtype(images.dtype, np.floating) and images.size
+                    and 0 <= float(images.min()) <= float(images.max()) <= 1)
+        hint = " (these look like floats in [0, 1]: multiply by 255 and cast to uint8)" if floats01 else ""
+        raise ValueError(f"{path}: images must be uint8 RGB (N, H, W, 3) with values 0-255, got dtype "
+                         f"{images.dtype}{hint}")
+    return check_images(images, str(path))

@@ -27,6 +27,8 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from farm.files import load_state_dict
 from torch import nn
 
 SPEC_FILE = "spec.json"
@@ -410,7 +412,7 @@ def load_compact(directory: str | Path, map_location: str | torch.device = "cpu"
     except (json.JSONDecodeError, TypeError, ValueError) as e:
         raise ValueError(f"{spec_path}: not a valid compact-model spec: {e}") from e
     model = CompactModel(spec)
-    sd = torch.load(sd_path, map_location=map_location, weights_only=True)
+    sd = load_state_dict(sd_path, map_location)
     try:
         model.load_state_dict(sd)
     except RuntimeError as e:

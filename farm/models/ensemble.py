@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from farm.files import atomic_path
+from farm.files import atomic_path, load_state_dict
 from farm.models.compact import glorot_uniform_, same_pad
 
 log = logging.getLogger(__name__)
@@ -162,10 +162,7 @@ class Backbone(nn.Module):
         except ValueError as e:
             raise ValueError(f"BackboneSpec.name {spec.name!r}: not a torchvision model ({e})") from e
         if spec.weights_path is not None:
-            try:
-                state = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as e:  # noqa: BLE001 - any unreadable file gets the same clear message
-                raise ValueError(f"backbone weights {path}: not a readable state_dict ({e})") from e
+            state = load_state_dict(path)
             if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
                 state = state["state_dict"]
             try:

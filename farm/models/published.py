@@ -35,6 +35,7 @@ import h5py
 import numpy as np
 import torch
 
+from farm.files import load_state_dict
 from farm.models.base import CompactTeacher, Teacher
 from farm.models.compact import CompactModel, CompactSpec
 
@@ -84,10 +85,7 @@ def _torch_port_shapes(filters: Sequence[int], n_features: int) -> dict[str, tup
 def _read_torch_port(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such published compact model file")
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a damaged file surfaces as OSError, KeyError, RuntimeError, ... by the damage
-        raise ValueError(f"{path}: not a readable PyTorch state_dict ({type(e).__name__}: {e})") from e
+    sd = load_state_dict(path)
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ValueError(f"{path}: expected a state_dict (dict of tensors), got {type(sd).__name__}")
     return sd
