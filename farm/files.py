@@ -87,7 +87,7 @@ def load_state_dict(path: str | os.PathLike, map_location="cpu") -> dict:
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        if "Weights only load failed" not in str(e):  # not a pickle torch can read at all
+        if "unsupported global" not in str(e).lower():  # not a pickle of objects at all: a damaged file
             raise ValueError(f"{path}: not a readable PyTorch state_dict (UnpicklingError)") from None
         raise ValueError(f"refusing to load {path}: not a plain state_dict (it holds pickled objects "
                          f"other than tensors)") from None
