@@ -50,7 +50,7 @@ def code_version() -> str:
 # -- stage 1: sessions ------------------------------------------------------------------------------
 def prepare_sessions(cfg: JobConfig):
     """Sessions (and the simulated ground truth, if any) for the job. Returns (sessions, truth, dir)."""
-    from farm.data.sessions import list_sessions, read_sessions
+    from farm.data.sessions import check_job_sessions, list_sessions, read_sessions
 
     d = Path(cfg.data.dir)
     kind = cfg.data.kind
@@ -81,6 +81,7 @@ def prepare_sessions(cfg: JobConfig):
     sessions = read_sessions(sessions_dir)
     if not sessions:
         raise FileNotFoundError(f"{sessions_dir}: no sessions (*.parquet)")
+    check_job_sessions(sessions, str(sessions_dir))
     return sessions, truth, sessions_dir
 
 

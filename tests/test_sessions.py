@@ -405,3 +405,16 @@ def test_read_sessions_rejects_unknown_role_and_duplicates(tmp_path):
 def test_list_sessions_missing_folder(tmp_path):
     with pytest.raises(SessionError, match="session folder not found"):
         list_sessions(tmp_path / "none")
+
+
+def test_a_jobs_sessions_must_share_an_image_size_and_not_share_neuron_ids():
+    from farm.data.sessions import check_job_sessions
+
+    a, b = make_session("s1", size=8), make_session("s2", size=8, role="train")
+    check_job_sessions([a, b], "data")  # fine
+    with pytest.raises(SessionError, match=r"data: the sessions' images differ in size \(8x8 px: s1; 10x10 px: s3\)"):
+        check_job_sessions([a, make_session("s3", size=10)], "data")
+    twin = make_session("s4", size=8)
+    twin.neuron_ids = a.neuron_ids
+    with pytest.raises(SessionError, match=r"neuron id 's1:0' is in session 's1' and in 's4'"):
+        check_job_sessions([a, twin], "data")

@@ -33,6 +33,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -423,6 +424,26 @@ def list_sessions(directory: str | Path) -> list[Path]:
     if not directory.is_dir():
         raise SessionError(f"{directory}: session folder not found")
     return sorted(p for p in directory.glob("*.parquet") if p.is_file() and not p.name.startswith("."))
+
+
+def check_job_sessions(sessions: Sequence[Session], where: str) -> None:
+    """The sessions of one job fit together: no neuron id in two sessions, and one image size (the
+    bank, the teacher and every compact model see images of one size). SessionError naming them."""
+    owner: dict[str, str] = {}
+    for s in sessions:
+        for nid in s.neuron_ids:
+            if nid in owner and owner[nid] != s.session_id:
+                raise SessionError(f"{where}: neuron id {nid!r} is in session {owner[nid]!r} and in "
+                                   f"{s.session_id!r}; neuron ids must be unique across a job's sessions")
+            owner[nid] = s.session_id
+    sizes: dict[tuple, list[str]] = {}
+    for s in sessions:
+        if s.images_available and s.images.size:
+            sizes.setdefault(tuple(s.images.shape[1:3]), []).append(s.session_id)
+    if len(sizes) > 1:
+        desc = "; ".join(f"{h}x{w} px: {', '.join(ids)}" for (h, w), ids in sorted(sizes.items()))
+        raise SessionError(f"{where}: the sessions' images differ in size ({desc}); one job needs one "
+                           f"image size (resize the odd sessions, or run them as separate jobs)")
 
 
 def read_sessions(directory: str | Path, role: str | None = None) -> list[Session]:
