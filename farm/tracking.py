@@ -66,6 +66,24 @@ def _flat(prefix: str, d: Mapping[str, Any]) -> dict[str, str]:
     return out
 
 
+def check_server(uri: str, timeout: float = 5.0) -> None:
+    """ValueError within ``timeout`` seconds when no MLflow server answers at ``uri`` (MLflow's own
+    client would retry for minutes before a traceback)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
+            r.read(64)
+    except urllib.error.HTTPError:
+        return  # something answers: a server behind a proxy may not serve /health; MLflow decides
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise ValueError(f"tracking.uri {uri}: no MLflow server answers ({reason}); start one (`farm ui` "
+                         f"prints the command) or use a local store (tracking.uri=null: sqlite next to "
+                         f"out_dir)") from None
+
+
 @dataclass
 class Tracker:
     """A picklable handle (URI + experiment id) that any process can log through."""
@@ -79,6 +97,8 @@ class Tracker:
         """Create the store and experiment from the driver (schema migration once, ecosystem §7.5)."""
         if not uri:
             raise ValueError("Tracker.open: no tracking URI (farm.config.JobConfig.tracking_uri gives the default)")
+        if uri.startswith(("http://", "https://")):
+            check_server(uri)
         client = _client(uri)
         exp = client.get_experiment_by_name(experiment)
         if exp is None:

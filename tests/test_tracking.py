@@ -40,3 +40,17 @@ def test_ui_command_names_loopback_and_store(tmp_path):
     uri = default_tracking_uri(tmp_path)
     cmd = ui_command(uri)
     assert "--host 127.0.0.1" in cmd and uri in cmd and "mlartifacts" in cmd
+
+
+def test_an_unreachable_tracking_server_is_a_clear_error_at_once(tmp_path, capsys):
+    import time
+
+    from farm.cli import main
+
+    t0 = time.monotonic()
+    rc = main(["compress", "--config", "demo", f"out_dir={tmp_path}/out", f"data.dir={tmp_path}/data",
+               "tracking.uri=http://127.0.0.1:9"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "tracking.uri http://127.0.0.1:9: no MLflow server answers" in err, err
+    assert time.monotonic() - t0 < 60  # not MLflow's minutes of retries (the check itself waits <= 5 s)
+    assert not (tmp_path / "data").exists()
