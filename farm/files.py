@@ -75,6 +75,38 @@ def read_manifest(path: str | os.PathLike, kind: tuple[str, str], version: tuple
     return d
 
 
+@contextlib.contextmanager
+def exclusive(path: str | os.PathLike, what: str, wait: bool = False) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (created; it records the holder's pid and host) for the
+    block. ``wait``: block until it is free; else raise ``Busy`` naming ``what`` and the holder."""
+    import fcntl
+    import socket
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise Busy(f"{what} is already running ({holder}); wait for it to end, or stop it") from None
+        try:
+            f.seek(0)
+            f.truncate()
+            f.write(f"pid {os.getpid()} on {socket.gethostname()}")
+            f.flush()
+            yield
+        finally:
+            f.seek(0)
+            f.truncate()
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+class Busy(ValueError):
+    """Another process holds the lock (``exclusive``)."""
+
+
 def load_state_dict(path: str | os.PathLike, map_location="cpu") -> dict:
     """The tensors in a ``torch.save``d state_dict, loaded with ``weights_only=True``: a file holding
     any other pickled object (code could run on load) is refused, and so is an unreadable one,

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from farm.files import write_text_atomic
+from farm.files import exclusive, write_text_atomic
 from farm.config import JobConfig, load_job_config, read_yaml, resolve_config_path
 from farm.farm import JobResult, NeuronInputs, init_job_ray, run_neurons
 from farm.selection import neuron_sort_key, parse_neuron_selection
@@ -312,7 +312,14 @@ def _killed_on_interrupt(tracker: Tracker, parent: str):
 
 
 def run_compress_job(cfg: JobConfig, progress: bool = True, prepared: PreparedJob | None = None) -> JobResult:
-    """Compress the selected neurons of the teacher: one Ray task and one MLflow child run each."""
+    """Compress the selected neurons of the teacher: one Ray task and one MLflow child run each.
+    One driver per job: a second one exits at once naming the first (``farm.files.exclusive``)."""
+    job_id = cfg.resolved_job_id()
+    with exclusive(Path(cfg.out_dir) / f".job-{job_id}.lock", f"job {job_id}"):
+        return _run_compress_job(cfg, progress, prepared)
+
+
+def _run_compress_job(cfg: JobConfig, progress: bool, prepared: PreparedJob | None) -> JobResult:
     from farm import plots
 
     t0 = time.time()
@@ -360,6 +367,12 @@ def run_compress_job(cfg: JobConfig, progress: bool = True, prepared: PreparedJo
 
 def run_sweep_job(cfg: JobConfig, progress: bool = True, prepared: PreparedJob | None = None):
     """Tune sweep of pruning thresholds for ``cfg.sweep.neurons`` (default: the first 2 selected)."""
+    job_id = cfg.resolved_job_id() + "-sweep"
+    with exclusive(Path(cfg.out_dir) / f".job-{job_id}.lock", f"job {job_id}"):
+        return _run_sweep_job(cfg, progress, prepared)
+
+
+def _run_sweep_job(cfg: JobConfig, progress: bool, prepared: PreparedJob | None):
     from farm.sweep import run_sweep
 
     Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)

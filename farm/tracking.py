@@ -99,6 +99,16 @@ class Tracker:
             raise ValueError("Tracker.open: no tracking URI (farm.config.JobConfig.tracking_uri gives the default)")
         if uri.startswith(("http://", "https://")):
             check_server(uri)
+        if uri.startswith("sqlite:///"):  # two drivers on a fresh store: one migrates, the other waits
+            from farm.files import exclusive
+
+            db = Path(uri[len("sqlite:///"):])
+            with exclusive(db.with_name(db.name + ".lock"), f"the store {db}", wait=True):
+                return cls._open(uri, experiment)
+        return cls._open(uri, experiment)
+
+    @classmethod
+    def _open(cls, uri: str, experiment: str) -> "Tracker":
         client = _client(uri)
         exp = client.get_experiment_by_name(experiment)
         if exp is None:

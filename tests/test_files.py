@@ -60,3 +60,22 @@ def test_teacher_predict_refuses_float_images_with_a_hint(tmp_path, capsys):
     assert rc == 2 and not (tmp_path / "y.npy").exists(), err
     assert "x.npy: images must be uint8 RGB (N, H, W, 3) with values 0-255, got dtype float64" in err
     assert "multiply by 255 and cast to uint8" in err
+
+
+def test_one_driver_per_job_and_the_second_is_told_who_holds_it(tmp_path):
+    """A second driver of the same job exits at once naming the first (pid, host), never
+    compressing the job's neurons a second time; the lock is free again afterwards."""
+    import os
+
+    from farm.config import load_job_config
+    from farm.files import Busy, exclusive
+    from farm.pipeline import run_compress_job
+
+    cfg = load_job_config("demo", [f"out_dir={tmp_path}/out", f"data.dir={tmp_path}/data"])
+    job = cfg.resolved_job_id()
+    with exclusive(tmp_path / "out" / f".job-{job}.lock", f"job {job}"):  # the first driver
+        with pytest.raises(Busy, match=rf"job {job} is already running \(pid {os.getpid()} on "):
+            run_compress_job(cfg, progress=False)
+    assert not (tmp_path / "data").exists()  # refused before any work
+    with exclusive(tmp_path / "out" / f".job-{job}.lock", f"job {job}"):
+        pass  # released: the next driver gets it

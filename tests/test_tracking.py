@@ -54,3 +54,21 @@ def test_an_unreachable_tracking_server_is_a_clear_error_at_once(tmp_path, capsy
     assert rc == 2 and "tracking.uri http://127.0.0.1:9: no MLflow server answers" in err, err
     assert time.monotonic() - t0 < 60  # not MLflow's minutes of retries (the check itself waits <= 5 s)
     assert not (tmp_path / "data").exists()
+
+
+def test_two_drivers_creating_one_fresh_store_at_once_both_succeed(tmp_path):
+    """Both drivers used to race MLflow's schema migration ("table _alembic_tmp_tags already
+    exists") and leave the store half-migrated; the store is now created under a lock."""
+    import subprocess
+    import sys
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    code = f"from farm.tracking import Tracker; t = Tracker.open({uri!r}, 'race'); print(t.experiment_id)"
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [e[-2000:] for _, e in outs]
+    assert len({o.strip() for o, _ in outs}) == 1  # one experiment, seen by both
+    tr = Tracker.open(uri, "race")
+    parent = tr.start_job("after-the-race")
+    assert tr.client.get_run(parent).info.status == "RUNNING"
