@@ -144,11 +144,18 @@ def prepare_bank(cfg: JobConfig, sessions, exclude: set[str], image_size: int):
     from farm.data.images import BankConfig, ImageBank, build_bank
 
     bdir = Path(cfg.bank.dir) if cfg.bank.dir else Path(cfg.out_dir) / "bank"
-    if (bdir / "bank.json").is_file():
-        return ImageBank(bdir)
+    bconf = BankConfig.from_dict({"image_size": image_size, "seed": cfg.seed, **cfg.bank.bank})
+    if (bdir / "bank.json").is_file():  # a cached bank serves only the config that built it
+        bank = ImageBank(bdir)
+        old, new = bank.config.to_dict(), bconf.to_dict()
+        if old != new:
+            diff = ", ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} asked" for k in sorted(new)
+                             if old.get(k) != new.get(k))
+            raise ValueError(f"bank: the image bank cached in {bdir} was built with another config ({diff}); "
+                             f"delete {bdir} to rebuild it, or set bank.dir to another folder")
+        return bank
     sources = [s.images for s in sessions if s.role in cfg.bank.source_roles
                and s.session_id not in exclude and s.images_available and s.images.size]
-    bconf = BankConfig.from_dict({"image_size": image_size, "seed": cfg.seed, **cfg.bank.bank})
     if not sources and bconf.proportions.get("natural", 0) > 0:
         raise ValueError(f"bank: no source images in sessions with roles {cfg.bank.source_roles} "
                          f"(excluding {sorted(exclude)}); set bank.bank.proportions without 'natural'")

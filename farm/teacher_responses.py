@@ -244,8 +244,14 @@ def compute_teacher_responses(teacher, bank_or_images, batch_size: int = 256,
             raise ValueError("compute_teacher_responses: cannot cache without a bank id: the bank has "
                              "no bank_id; pass bank_id=")
         cache = responses_cache_path(cache_dir, tid, str(bank_id))
+        cached = None
         if (cache / RESPONSES_FILE).is_file():
-            cached = TeacherResponses.load(cache)
+            try:
+                cached = TeacherResponses.load(cache)
+            except (ValueError, OSError) as e:  # truncated or damaged: computed again, the file replaced
+                log.warning("teacher responses cache %s is unreadable (%s); computing them again",
+                            cache / RESPONSES_FILE, e)
+        if cached is not None:
             if (cached.teacher_id, cached.bank_id, cached.neuron_ids) != (tid, str(bank_id), neuron_ids):
                 raise ValueError(f"{cache}: cached responses are for teacher {cached.teacher_id!r}, bank "
                                  f"{cached.bank_id!r} and {cached.n_neurons} neurons, not for this "

@@ -143,6 +143,13 @@ def test_teacher_responses_one_pass_for_all_neurons_and_cache_hit(neurons, tmp_p
     # Other images are another bank: computed afresh.
     compute_teacher_responses(teacher, images[:100], cache_dir=tmp_path)
     assert teacher.images == 400
+    # A truncated cache file is computed again (with a warning) and replaced, not a dead end.
+    path = responses_cache_path(tmp_path, first.teacher_id, first.bank_id) / "teacher_responses.arrow"
+    path.write_bytes(path.read_bytes()[:200])
+    third = compute_teacher_responses(teacher, images, batch_size=128, cache_dir=tmp_path)
+    assert teacher.images == 700 and np.array_equal(third.responses, first.responses)
+    assert compute_teacher_responses(teacher, images, cache_dir=tmp_path).responses.shape == (300, 2)
+    assert teacher.images == 700  # the rewritten cache serves again
 
 
 def test_teacher_responses_stream_an_image_bank(neurons, tmp_path):

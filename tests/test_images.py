@@ -243,3 +243,20 @@ def test_shard_kind_counts_are_exact_overall_and_close_per_shard():
         assert n == (999 if i < len(per_shard) - 1 else 10_007 - 999 * 10)
         for k, c in s.items():
             assert abs(c - config.proportions[k] * n) <= 2
+
+
+def test_a_jobs_cached_bank_serves_only_the_config_that_built_it(tmp_path):
+    """A changed bank.bank.n_images on an existing out_dir reused the old bank while MLflow
+    recorded the new size; now the job refuses, naming the difference and the folder to delete."""
+    from farm.config import load_job_config
+    from farm.pipeline import prepare_bank
+
+    cfg = load_job_config("demo", [f"out_dir={tmp_path}", "bank.bank={n_images: 40, shard_size: 40, "
+                                   "proportions: {synthetic: 1.0}}"])
+    bank = prepare_bank(cfg, [], set(), 16)
+    assert len(bank) == 40 and prepare_bank(cfg, [], set(), 16).bank_id == bank.bank_id  # cached
+    bigger = load_job_config("demo", [f"out_dir={tmp_path}", "bank.bank={n_images: 80, shard_size: 40, "
+                                      "proportions: {synthetic: 1.0}}"])
+    with pytest.raises(ValueError, match=rf"built with another config \(n_images: 40 there, 80 asked\); "
+                                         rf"delete {tmp_path}/bank to rebuild it"):
+        prepare_bank(bigger, [], set(), 16)
