@@ -69,10 +69,16 @@ def prepare_sessions(cfg: JobConfig):
     elif kind == "v4":
         from farm.data.v4release import import_v4_release
 
-        if not (d.is_dir() and list_sessions(d)):
-            if not cfg.data.source:
-                raise ValueError("data.source: the V4 release folder is needed to import (data.kind: v4)")
-            import_v4_release(cfg.data.source, d)
+        have = {p.stem for p in list_sessions(d)} if d.is_dir() else set()
+        if cfg.data.source:  # every session of the release must be there (a failed import left some out)
+            from farm.data.v4release import release_sessions
+
+            missing = [s for s in release_sessions(cfg.data.source) if s not in have]
+            if missing:
+                log.info("importing V4 sessions %s from %s into %s", missing, cfg.data.source, d)
+                import_v4_release(cfg.data.source, d, sessions=missing)
+        elif not have:
+            raise ValueError("data.source: the V4 release folder is needed to import (data.kind: v4)")
         sessions_dir = d
     elif kind == "sessions":
         sessions_dir = d

@@ -259,3 +259,24 @@ def test_count_mismatch_responses_vs_table(tmp_path):
     fake_release(tmp_path, "210305", 3, [3, 1, 2], folder="images_210305/")
     with pytest.raises(SessionError, match=r"responses_210305\.npy: count mismatch: 3 images.*400"):
         load_v4_session(tmp_path, "210305")
+
+
+def test_a_failed_import_writes_nothing_and_a_v4_job_completes_a_partial_folder(tmp_path):
+    """A bad zip stopped the import with the earlier sessions already written, and a later
+    data.kind: v4 job used that partial folder without a word. Now an import is all or nothing, and
+    the job imports whatever sessions of the release its folder lacks."""
+    from farm.config import load_job_config
+    from farm.pipeline import prepare_sessions
+
+    src, out = tmp_path / "release", tmp_path / "sessions"
+    fake_release(src, "210224", 3, range(1, 801), size=112)
+    fake_release(src, "210305", 3, [k for k in range(1, 401) if k != 137], size=112, n_images=400)
+    with pytest.raises(SessionError, match=r"images_210305\.zip: image 137"):
+        import_v4_release(src, out)
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["release"]  # no partial data, no temp
+
+    import_v4_release(src, out, sessions=["210224"])  # a folder with one of the two sessions
+    fake_release(src, "210305", 3, range(1, 401), size=112)  # the release repaired
+    cfg = load_job_config("v4_190923", [f"data.dir={out}", f"data.source={src}", f"out_dir={tmp_path}/job"])
+    sessions, _, _ = prepare_sessions(cfg)
+    assert [s.session_id for s in sessions] == ["210224", "210305"]

@@ -23,7 +23,10 @@ the release does not say which image is which, every image is "unknown" and
 from __future__ import annotations
 
 import logging
+import os
 import re
+import shutil
+import tempfile
 import zipfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -336,6 +339,8 @@ def import_v4_release(src_dir: str | Path, out_dir: str | Path, sessions: Iterab
         file is written.
     progress: called as ``progress(done, total, session_id)`` after each session is written.
     Returns the written paths in import order (sorted by session id when ``sessions`` is None).
+    All or nothing: the sessions are written into a hidden folder next to ``out_dir`` and moved in
+    only when every one of them was read and written; a failure leaves ``out_dir`` as it was.
     """
     src, out = Path(src_dir), Path(out_dir)
     found = find_v4_sessions(src)
@@ -353,13 +358,26 @@ def import_v4_release(src_dir: str | Path, out_dir: str | Path, sessions: Iterab
         if absent:
             raise SessionError(f"{src}: no response file for sessions {absent} "
                                f"(found: {', '.join(found) or 'none'})")
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for done, sid in enumerate(chosen, start=1):
-        session = load_v4_session(src, sid)
-        written.append(write_session(session, out / f"{sid}.parquet"))
-        logger.info("imported V4 session %s (%d/%d): %d neurons x %d images", sid, done, len(chosen),
-                    session.n_neurons, session.n_images)
-        if progress is not None:
-            progress(done, len(chosen), sid)
-    return written
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.importing-"))
+    try:
+        for done, sid in enumerate(chosen, start=1):
+            session = load_v4_session(src, sid)
+            write_session(session, stage / f"{sid}.parquet")
+            logger.info("imported V4 session %s (%d/%d): %d neurons x %d images", sid, done, len(chosen),
+                        session.n_neurons, session.n_images)
+            if progress is not None:
+                progress(done, len(chosen), sid)
+        out.mkdir(parents=True, exist_ok=True)
+        written = []
+        for sid in chosen:
+            os.replace(stage / f"{sid}.parquet", out / f"{sid}.parquet")
+            written.append(out / f"{sid}.parquet")
+        return written
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def release_sessions(src_dir: str | Path) -> list[str]:
+    """The sessions of the V4 release present in ``src_dir`` (what a full import writes)."""
+    return [s for s in find_v4_sessions(Path(src_dir)) if s in V4_SESSIONS]
