@@ -360,6 +360,7 @@ def _run_compress_job(cfg: JobConfig, progress: bool, prepared: PreparedJob | No
     summary = [s for s in summary if s["neuron_id"] in set(neurons)]
     if summary:
         _log_job_figures(tracker, parent, summary, plots)
+        tracker.log_table(parent, _summary_table(summary, rows), "neurons.json")
         import statistics
 
         tracker.log_metrics(parent, {
@@ -467,6 +468,23 @@ def _job_tags(cfg: JobConfig, prepared: PreparedJob) -> dict:
     if prepared.teacher_info.get("pretrained") is not None:
         tags["farm.teacher_pretrained"] = str(prepared.teacher_info["pretrained"]).lower()
     return tags
+
+
+def _summary_table(summary: list, rows: list) -> list[dict]:
+    """One row per neuron for the job run's table artifact (the MLflow UI shows it as a table)."""
+    out = []
+    for r in sorted(summary, key=lambda r: neuron_sort_key(r["neuron_id"])):
+        real = "r2_er" if "r2_er" in r else "r2_raw"
+        out.append({"neuron": r["neuron_id"], "status": "FINISHED", "params": r["param_count"],
+                    "filters": "-".join(str(k) for k in r["filters"]),
+                    "r2_to_teacher": round(float(r["r2_teacher_heldout"]), 4),
+                    real: None if r.get(real) is None else round(float(r[real]), 4),
+                    f"teacher_{real}": (None if r.get("teacher_real_r2") is None
+                                        else round(float(r["teacher_real_r2"]), 4))})
+    done = {r["neuron"] for r in out}
+    out += [{"neuron": r["neuron_id"], "status": r.get("status", "FAILED")} for r in rows
+            if r.get("status") == "FAILED" and r["neuron_id"] not in done]
+    return out
 
 
 def _row_from_run(run, prepared: PreparedJob) -> dict:

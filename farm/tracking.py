@@ -30,6 +30,7 @@ TAG_KIND = "farm.kind"  # "job" | "neuron" | "sweep" | "trial" | "teacher" | "an
 TAG_NEURON = "farm.neuron_id"
 TAG_ERROR = "farm.error"
 TAG_PARENT = "mlflow.parentRunId"
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 
 
 def default_tracking_uri(base_dir: str | os.PathLike) -> str:
@@ -125,6 +126,10 @@ class Tracker:
                 exp_id = exp.experiment_id
         else:
             exp_id = exp.experiment_id
+        if (exp is None or exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND):
+            # MLflow 3's UI opens an untagged experiment on its GenAI "Overview" (traces); tagged as
+            # model development it opens on the runs
+            client.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return cls(uri=uri, experiment_id=exp_id, experiment_name=experiment)
 
     @property
@@ -176,6 +181,11 @@ class Tracker:
 
     def log_artifacts(self, run_id: str, local_dir: str | os.PathLike, artifact_path: str | None = None):
         self.client.log_artifacts(run_id, str(local_dir), artifact_path)
+
+    def log_table(self, run_id: str, rows: list[dict], name: str) -> None:
+        """A table artifact ``name`` (.json) the MLflow UI shows as a table: one dict per row."""
+        columns = list(dict.fromkeys(k for r in rows for k in r))
+        self.client.log_table(run_id, {c: [r.get(c) for r in rows] for c in columns}, name)
 
     def log_figure(self, run_id: str, fig, name: str) -> None:
         """Save a matplotlib figure as a PNG artifact ``name`` (e.g. "figures/history.png")."""

@@ -125,6 +125,12 @@ def test_compress_job_end_to_end_then_rerun_is_idempotent(tiny_base, local_ray, 
     assert parent.data.metrics["neurons_finished"] == N_NEURONS
     assert {"figures/params_histogram.png", "figures/filters_per_layer.png",
             "figures/compact_vs_teacher_r2.png"} <= artifact_paths(tracker, res.parent_run_id, "figures")
+    # the UI opens the experiment on its runs, and the job run shows a per-neuron table
+    exp = tracker.client.get_experiment(tracker.experiment_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    table = json.loads((Path(tracker.download(res.parent_run_id, "neurons.json", tmp_path / "table"))).read_text())
+    assert sorted(table["columns"][:5]) == sorted(["neuron", "status", "params", "filters", "r2_to_teacher"])
+    assert len(table["data"]) == N_NEURONS and {row[1] for row in table["data"]} == {"FINISHED"}
 
     children = neuron_children(tracker, res.parent_run_id)
     assert sorted(r.data.tags[TAG_NEURON] for r in children) == sorted(neurons)  # one each
