@@ -123,8 +123,8 @@ def prepare_teacher(cfg: JobConfig, sessions, truth, sessions_dir: Path, tracker
             tconf["test_session"] = t.session
         log.info("training the teacher (deep ensemble) on %s", sessions_dir)
 
-        def cb(event, info):
-            log.info("teacher %s: %s", event, {k: v for k, v in info.items() if not isinstance(v, (list, dict))})
+        def cb(event, info):  # farm.teacher logs each visit as a line; the raw dicts with --verbose
+            log.debug("teacher %s: %s", event, {k: v for k, v in info.items() if not isinstance(v, (list, dict))})
 
         teacher, report = run_teacher_training(tconf, sessions_dir, tdir, callback=cb)
     else:

@@ -802,8 +802,10 @@ def train_teacher(train_sessions: Sequence[Session], validation_session: Session
                                    "best_score": best_score, "improved": improved,
                                    "val_seconds": time.time() - t1})
                 history.append(record)
-                log.info("teacher epoch %d visit %d session %s: loss %.4f val %s", epoch, visit, sid,
-                         record["train_loss"], record.get("val_score"))
+                val = record.get("val_score")
+                log.info("teacher epoch %d, session %s (visit %d): train loss %.4f%s, %.0f s", epoch, sid, visit,
+                         record["train_loss"], "" if val is None else f", validation {val:.3f}",
+                         time.time() - t_start)
                 emit("session", dict(record))
             emit("epoch", {"epoch": epoch, "lr": lr, "passes": passes, "best_score": best_score,
                            "val_score": history[-1].get("val_score"), "elapsed_s": time.time() - t_start})
