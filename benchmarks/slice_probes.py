@@ -4,6 +4,8 @@ cached stages; R² to the teacher on its held-out bank images, raw R² on 190923
     python benchmarks/slice_probes.py prune --criterion reconstruction          # tau 0.9, then 1 retrain pass
     python benchmarks/slice_probes.py prune --criterion ablation --delta 0.02
     python benchmarks/slice_probes.py specialize --late 32,8 --passes 30        # then 2 retrain passes at 1e-4
+    python benchmarks/slice_probes.py specialize --passes 5 --flip              # mirrors: twice the images
+    python benchmarks/slice_probes.py specialize --passes 10 --map-from teacher # fit the teacher's own map
 """
 
 import argparse
@@ -39,6 +41,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--map-from", choices=["shared", "teacher"], default="shared",
                    help="specialize to the shared model's map or to the (shared-compact) teacher's")
+    p.add_argument("--flip", action="store_true", help="specialize on the images and their mirror images")
     p.add_argument("--retrain-passes", type=float, default=2)
     p.add_argument("--retrain-lr", type=float, default=1e-4)
     a = p.parse_args(argv)
@@ -69,7 +72,7 @@ def main(argv=None):
         if a.map_from == "teacher":
             target = load_shared_start(SHARED.format(k=200), [a.neuron])
         model, info = specialize(shared, a.neuron, x, SpecializeConfig(late_filters=tuple(map(int, a.late.split(","))),
-                                                                      passes=a.passes), target=target)
+                                                                      passes=a.passes, flip=a.flip), target=target)
         report(f"specialized (map R² {info['map_r2']:.3f})", model)
     report("retrained", distill(model, x, y, retrain, trained=True).model)
 
