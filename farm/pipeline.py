@@ -316,6 +316,11 @@ def _killed_on_interrupt(tracker: Tracker, parent: str):
     try:
         yield
     except KeyboardInterrupt:
+        with contextlib.suppress(Exception):  # first stop the tasks, so that none starts a run after this
+            import ray
+
+            if ray.is_initialized():
+                ray.shutdown()
         with contextlib.suppress(Exception):
             for r in tracker.child_runs(parent):
                 if r.info.status == "RUNNING":

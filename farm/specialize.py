@@ -70,32 +70,28 @@ def neuron_start(shared: CompactModel, neuron_id: str, images: np.ndarray,
 
 
 @torch.no_grad()
-def _early(shared: CompactModel, images: np.ndarray, batch_size: int = 128) -> torch.Tensor:
-    """Layer-2 activations (N, K2, R, R), float32 CPU."""
-    shared.eval()
-    dev = next(shared.parameters()).device
-    out = []
-    for s in range(0, len(images), batch_size):
-        x = recenter(images[s:s + batch_size], dev)
-        for l in range(3):
-            x = shared.layer_act(l, x)
-        out.append(x.float().cpu())
-    return torch.cat(out)
-
-
-@torch.no_grad()
-def neuron_map(model: CompactModel, index: int, images: np.ndarray, batch_size: int = 64) -> torch.Tensor:
-    """Output ``index``'s map T = m . a4 (N, R, R) of a factorized model, float32 CPU."""
+def _activations(model: CompactModel, images: np.ndarray, through: int, batch_size: int, head=None) -> torch.Tensor:
+    """Layer ``through``'s activations (then ``head`` of them), batch by batch, float32 CPU."""
     model.eval()
     dev = next(model.parameters()).device
     out = []
     for s in range(0, len(images), batch_size):
         x = recenter(images[s:s + batch_size], dev)
-        for l in range(5):
+        for l in range(through + 1):
             x = model.layer_act(l, x)
-        out.append(torch.nn.functional.conv2d(x, model.mixing.weight[index:index + 1],
-                                              model.mixing.bias[index:index + 1])[:, 0].float().cpu())
+        out.append((x if head is None else head(x)).float().cpu())
     return torch.cat(out)
+
+
+def _early(shared: CompactModel, images: np.ndarray, batch_size: int = 128) -> torch.Tensor:
+    """Layer-2 activations (N, K2, R, R), float32 CPU."""
+    return _activations(shared, images, 2, batch_size)
+
+
+def neuron_map(model: CompactModel, index: int, images: np.ndarray, batch_size: int = 64) -> torch.Tensor:
+    """Output ``index``'s map T = m . a4 (N, R, R) of a factorized model, float32 CPU."""
+    w, b = model.mixing.weight[index:index + 1], model.mixing.bias[index:index + 1]
+    return _activations(model, images, 4, batch_size, head=lambda a4: torch.nn.functional.conv2d(a4, w, b)[:, 0])
 
 
 def specialize(shared: CompactModel, neuron_id: str, images: np.ndarray,

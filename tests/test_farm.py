@@ -407,16 +407,20 @@ def test_a_killed_worker_still_ends_with_one_finished_run_per_neuron(tiny_inputs
 
 
 # -- a killed driver (slow: two CLI processes, each starting Ray) ------------------------------------
-@pytest.mark.slow
-def test_killing_the_driver_and_rerunning_completes_without_duplicates(tiny_base, ray_tmp, tmp_path):
+def _driver(tmp_path: Path, base: Path, ray_tmp: str):
+    """A `farm compress` command line for a tiny job of sim1, its environment and its store's client."""
     from mlflow import MlflowClient
 
-    cfg_path = write_config(tmp_path, tiny_base, neurons="sim1")
-    cfg = load_job_config(cfg_path)
+    cfg_path = write_config(tmp_path, base, neurons="sim1")
     env = {**os.environ, **RAY_ENV, "RAY_TMPDIR": ray_tmp, "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)
     cmd = [sys.executable, "-m", "farm.cli", "compress", "--config", str(cfg_path)]
-    client = MlflowClient(cfg.tracking.uri)
+    return cmd, env, MlflowClient(load_job_config(cfg_path).tracking.uri)
+
+
+@pytest.mark.slow
+def test_killing_the_driver_and_rerunning_completes_without_duplicates(tiny_base, ray_tmp, tmp_path):
+    cmd, env, client = _driver(tmp_path, tiny_base, ray_tmp)
 
     def finished_children() -> dict[str, str]:
         exp = client.get_experiment_by_name("tiny")
@@ -704,7 +708,10 @@ def test_teacher_responses_as_ray_tasks_equal_the_driver_pass(tiny_base, local_r
 
     targets = {}
     for name, threshold in (("driver", 0), ("tasks", 1)):
-        cfg_path = write_config(tmp_path / name, tiny_base, bank={"dir": str(tmp_path / "bank")},
+        cfg_path = write_config(tmp_path / name, tiny_base,  # the bank above, by its own config
+                                bank={"dir": str(tmp_path / "bank"), "bank": {
+                                    "n_images": 400, "shard_size": 100, "seed": 3,
+                                    "proportions": {"gaudy": 0.5, "synthetic": 0.5}}},
                                 farm={"teacher_tasks_min_images": threshold})
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="farm.pipeline"):
@@ -734,14 +741,7 @@ def test_summary_table_shows_the_teacher_on_real_data_next_to_the_compact_model(
 def test_ctrl_c_prints_one_line_marks_the_runs_killed_and_a_rerun_resumes(tiny_base, ray_tmp, tmp_path):
     """SIGINT (Ctrl-C) to a running job: exit 130 with one sentence and no traceback, the job's run
     and its unfinished neuron runs KILLED; the rerun finishes the rest without duplicates."""
-    from mlflow import MlflowClient
-
-    cfg_path = write_config(tmp_path, tiny_base, neurons="sim1")
-    cfg = load_job_config(cfg_path)
-    env = {**os.environ, **RAY_ENV, "RAY_TMPDIR": ray_tmp, "PYTHONPATH": str(REPO)}
-    env.pop("RAY_ADDRESS", None)
-    cmd = [sys.executable, "-m", "farm.cli", "compress", "--config", str(cfg_path)]
-    client = MlflowClient(cfg.tracking.uri)
+    cmd, env, client = _driver(tmp_path, tiny_base, ray_tmp)
 
     def runs(kind: str) -> list:
         exp = client.get_experiment_by_name("tiny")
