@@ -83,6 +83,21 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_submit(args) -> int:
+    from farm.submit import submit
+
+    _, status = submit(args.config, args.overrides, address=args.address, wait=not args.no_wait,
+                       python=args.python, command="sweep" if args.sweep else "compress")
+    return 0 if status in ("SUCCEEDED", "PENDING", "RUNNING") else 1
+
+
+def cmd_jobs(args) -> int:
+    from farm.submit import list_jobs
+
+    list_jobs(args.address)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from farm.pipeline import run_demo
 
@@ -197,6 +212,19 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--run-id", help="log figures and data to this MLflow run (e.g. the neuron's child run)")
     a.add_argument("--experiment", default="farm", help="MLflow experiment of --run-id")
     a.set_defaults(func=cmd_analyze)
+
+    sj = sub.add_parser("submit", help="run a job config as a Ray Job on a head (results in the submitter's store)")
+    sj.add_argument("--config", required=True, help="YAML job config (path or name in configs/)")
+    sj.add_argument("overrides", nargs="*", help="key=value overrides")
+    sj.add_argument("--address", help="the head's Jobs API (default: RAY_ADDRESS or http://127.0.0.1:8265)")
+    sj.add_argument("--no-wait", action="store_true", help="submit and return; `farm jobs` lists its status")
+    sj.add_argument("--sweep", action="store_true", help="run `farm sweep` instead of `farm compress`")
+    sj.add_argument("--python", help="the interpreter the head runs farm with (default: this one; on a "
+                    "cluster, the farm install's, e.g. ~/venv/bin/python)")
+    sj.set_defaults(func=cmd_submit)
+    jl = sub.add_parser("jobs", help="the farm jobs submitted to a Ray head, with their status and store")
+    jl.add_argument("--address")
+    jl.set_defaults(func=cmd_jobs)
 
     u = sub.add_parser("ui", help="print the command that opens the MLflow UI on 127.0.0.1")
     u.add_argument("--uri", help="an MLflow store (default: the store of --config's job, else of the "

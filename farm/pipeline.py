@@ -332,6 +332,9 @@ def _killed_on_interrupt(tracker: Tracker, parent: str):
 def run_compress_job(cfg: JobConfig, progress: bool = True, prepared: PreparedJob | None = None) -> JobResult:
     """Compress the selected neurons of the teacher: one Ray task and one MLflow child run each.
     One driver per job: a second one exits at once naming the first (``farm.files.exclusive``)."""
+    from farm.submit import check_not_in_ray_job_copy
+
+    check_not_in_ray_job_copy(cfg)
     job_id = cfg.resolved_job_id()
     with exclusive(Path(cfg.out_dir) / f".job-{job_id}.lock", f"job {job_id}"):
         return _run_compress_job(cfg, progress, prepared)
@@ -386,6 +389,9 @@ def _run_compress_job(cfg: JobConfig, progress: bool, prepared: PreparedJob | No
 
 def run_sweep_job(cfg: JobConfig, progress: bool = True, prepared: PreparedJob | None = None):
     """Tune sweep of pruning thresholds for ``cfg.sweep.neurons`` (default: the first 2 selected)."""
+    from farm.submit import check_not_in_ray_job_copy
+
+    check_not_in_ray_job_copy(cfg)
     job_id = cfg.resolved_job_id() + "-sweep"
     with exclusive(Path(cfg.out_dir) / f".job-{job_id}.lock", f"job {job_id}"):
         return _run_sweep_job(cfg, progress, prepared)

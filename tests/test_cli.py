@@ -73,3 +73,23 @@ def test_farm_ui_prints_the_store_the_jobs_write_by_default(tmp_path, monkeypatc
     assert JobConfig().tracking_uri() == want == load_job_config("demo").tracking_uri()
     assert main(["ui", "--config", "demo", f"out_dir={tmp_path}/elsewhere/job"]) == 0
     assert f"--backend-store-uri sqlite:///{tmp_path.resolve()}/elsewhere/mlflow.db " in capsys.readouterr().out
+
+
+def test_a_ray_job_with_relative_result_paths_is_refused_and_submit_pins_them(tmp_path, monkeypatch):
+    """Inside a Ray Job (Ray sets RAY_JOB_CONFIG_JSON_ENV_VAR; an uploaded working_dir), relative
+    result paths would land in Ray's temporary copy: refused. `farm submit` pins them absolute."""
+    import json as _json
+
+    from farm.config import load_job_config
+    from farm.submit import check_not_in_ray_job_copy, resolved_overrides
+
+    cfg = load_job_config("demo")  # out_dir farm_runs/demo, no tracking.uri
+    check_not_in_ray_job_copy(cfg)  # not in a Ray Job: fine
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", _json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg_x.zip"}}))
+    with pytest.raises(ValueError, match=r"temporary copy of the working dir .* out_dir='farm_runs/demo'.*farm submit"):
+        check_not_in_ray_job_copy(cfg)
+    monkeypatch.chdir(tmp_path)
+    pinned = load_job_config("demo", resolved_overrides(load_job_config("demo")))
+    assert pinned.out_dir == str(tmp_path.resolve() / "farm_runs" / "demo")
+    assert pinned.tracking.uri == f"sqlite:///{tmp_path.resolve()}/farm_runs/mlflow.db"
+    check_not_in_ray_job_copy(pinned)  # absolute: accepted

@@ -179,3 +179,46 @@ def test_compress_job_submitted_through_the_ray_jobs_api(ray_head, tmp_path):
     for r in children:
         assert r.info.status == "FINISHED"
         assert {"param_count", "r2_teacher_heldout", "r2_ground_truth"} <= set(r.data.metrics)
+
+
+def test_farm_submit_lands_runs_in_the_submitters_store_and_plain_relative_paths_refuse(ray_head, tmp_path):
+    """`farm submit` of a config with RELATIVE paths: the job SUCCEEDS and its runs are in the store
+    next to out_dir as the submitting side resolves it (not in Ray's working-dir copy). The same
+    config submitted plainly (`ray job submit` style) fails at start, saying what to set."""
+    from mlflow import MlflowClient
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    url, env = ray_head
+    cfg = yaml.safe_load(tiny_config(tmp_path).read_text())
+    cfg.update(name="tiny-submit", out_dir="farm_runs/tiny", tracking={"experiment": "tiny-submit"})
+    cfg["data"]["dir"] = "farm_data/tiny"
+    cfg_path = tmp_path / "relative.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    run = subprocess.run([sys.executable, "-m", "farm.cli", "submit", "--config", str(cfg_path), "--address", url],
+                         cwd=tmp_path, env={**env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+                         timeout=JOB_TIMEOUT_S)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    store = f"sqlite:///{tmp_path.resolve()}/farm_runs/mlflow.db"
+    assert f": SUCCEEDED; its runs: MLflow store {store}" in run.stdout
+    mlf = MlflowClient(store)
+    exp = mlf.get_experiment_by_name("tiny-submit")
+    parent = mlf.search_runs([exp.experiment_id], "tags.`farm.kind` = 'job'")[0]
+    children = mlf.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert sorted((r.data.tags["farm.neuron_id"], r.info.status) for r in children) == [
+        ("sim1:0", "FINISHED"), ("sim1:1", "FINISHED")]
+    assert (tmp_path / "farm_data" / "tiny" / "population.json").is_file()  # cached stages stay here too
+    listed = subprocess.run([sys.executable, "-m", "farm.cli", "jobs", "--address", url], env={**env, "PYTHONPATH": str(REPO)},
+                            capture_output=True, text=True, timeout=120)
+    assert "SUCCEEDED" in listed.stdout and store in listed.stdout
+
+    client = JobSubmissionClient(url)  # a plain submission of the same relative config
+    job = client.submit_job(entrypoint=f"{sys.executable} jobs/compress.py --config {cfg_path}",
+                            runtime_env={"working_dir": str(REPO), "excludes": EXCLUDES})
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while client.get_job_status(job) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+        assert time.monotonic() < deadline
+        time.sleep(1)
+    logs = client.get_job_logs(job)
+    assert client.get_job_status(job) == JobStatus.FAILED, logs[-3000:]
+    assert "this Ray Job runs in Ray's temporary copy of the working dir" in logs and "farm submit" in logs
+    assert "out_dir='farm_runs/tiny'" in logs
