@@ -88,6 +88,16 @@ def _early(shared: CompactModel, images: np.ndarray, batch_size: int = 128) -> t
     return _activations(shared, images, 2, batch_size)
 
 
+@torch.no_grad()
+def _late_map(model: CompactModel, index: int, a2: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """``neuron_map`` from layer-2 activations ``a2`` already computed (layers 3-4 and the mixing only)."""
+    model.eval()
+    w, b = model.mixing.weight[index:index + 1], model.mixing.bias[index:index + 1]
+    dev = w.device
+    return torch.cat([torch.nn.functional.conv2d(model.layer_act(4, model.layer_act(3, a2[s:s + batch_size].to(dev))),
+                                                 w, b)[:, 0].float().cpu() for s in range(0, len(a2), batch_size)])
+
+
 def neuron_map(model: CompactModel, index: int, images: np.ndarray, batch_size: int = 64) -> torch.Tensor:
     """Output ``index``'s map T = m . a4 (N, R, R) of a factorized model, float32 CPU."""
     w, b = model.mixing.weight[index:index + 1], model.mixing.bias[index:index + 1]
@@ -119,14 +129,17 @@ def specialize(shared: CompactModel, neuron_id: str, images: np.ndarray,
     copy_early_(model, shared)
     src = target.state_dict()
     if config.flip:
-        images = np.concatenate([images, np.asarray(images)[:, :, ::-1]])
-        target_map = None if target_map is None else torch.cat([target_map, target_map.flip(-1)])
+        mirrored = np.asarray(images)[:, :, ::-1]
+        if target_map is not None:  # the model is not mirror-symmetric: its map of the mirrored images
+            target_map = torch.cat([target_map.float(), neuron_map(target, index, mirrored)])
+        images = np.concatenate([images, mirrored])
     a2 = _early(shared, images)
-    tmap = neuron_map(target, index, images) if target_map is None else target_map.float()
-    if tmap.shape[1:] != shared.spatial.shape[1:]:
-        raise ValueError(f"specialize: target map {tuple(tmap.shape[1:])} != shared model's "
+    if target_map is None:  # the shared model's own map: from the early activations just computed
+        target_map = (_late_map(shared, index, a2) if target is shared else neuron_map(target, index, images))
+    target_map = target_map.float()
+    if target_map.shape[1:] != shared.spatial.shape[1:]:
+        raise ValueError(f"specialize: target map {tuple(target_map.shape[1:])} != shared model's "
                          f"{tuple(shared.spatial.shape[1:])}")
-    target_map = tmap
     weight = (target.spatial[index].detach().float().cpu() ** 2)
     weight = weight / weight.sum()
     mu, sd = target_map.mean(), target_map.std().clamp_min(1e-8)
