@@ -152,10 +152,7 @@ class SweepConfig:
         if not self.criteria:
             raise ValueError("criteria must name at least one pruning criterion")
         if self.neurons:
-            try:
-                check_selection(self.neurons)
-            except ValueError as e:
-                raise ValueError(f"neurons: {e}") from None
+            check_selection(self.neurons)
         for name in ("num_samples", "max_concurrent"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -181,10 +178,7 @@ class AnalyzeConfig:
 
     def __post_init__(self):
         if self.neurons:
-            try:
-                check_selection(self.neurons)
-            except ValueError as e:
-                raise ValueError(f"neurons: {e}") from None
+            check_selection(self.neurons)
         if self.images < 1 or self.top_k < 1:
             raise ValueError(f"images and top_k must be >= 1, got {self.images}, {self.top_k}")
 
@@ -206,10 +200,7 @@ class JobConfig:
     analysis: AnalyzeConfig = field(default_factory=AnalyzeConfig)
 
     def __post_init__(self):
-        try:
-            check_selection(self.neurons)
-        except ValueError as e:
-            raise ValueError(f"neurons: {e}") from None
+        check_selection(self.neurons)
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
         # the mappings the job completes at run time, checked (and normalized) now

@@ -311,6 +311,17 @@ def _tracker(cfg: JobConfig) -> Tracker:
 
 
 @contextlib.contextmanager
+def _one_driver(cfg: JobConfig, job_id: str):
+    """Before a job's driver works: its results must not land in a Ray Job's temporary working dir,
+    and no other driver of the same job may be running (a lock in out_dir naming its pid and host)."""
+    from farm.submit import check_not_in_ray_job_copy
+
+    check_not_in_ray_job_copy(cfg)
+    with exclusive(Path(cfg.out_dir) / f".job-{job_id}.lock", f"job {job_id}"):
+        yield
+
+
+@contextlib.contextmanager
 def _killed_on_interrupt(tracker: Tracker, parent: str):
     """Ctrl-C: the job's run and its runs still RUNNING end KILLED (a rerun resumes), then re-raise."""
     try:
@@ -332,11 +343,7 @@ def _killed_on_interrupt(tracker: Tracker, parent: str):
 def run_compress_job(cfg: JobConfig, progress: bool = True, prepared: PreparedJob | None = None) -> JobResult:
     """Compress the selected neurons of the teacher: one Ray task and one MLflow child run each.
     One driver per job: a second one exits at once naming the first (``farm.files.exclusive``)."""
-    from farm.submit import check_not_in_ray_job_copy
-
-    check_not_in_ray_job_copy(cfg)
-    job_id = cfg.resolved_job_id()
-    with exclusive(Path(cfg.out_dir) / f".job-{job_id}.lock", f"job {job_id}"):
+    with _one_driver(cfg, cfg.resolved_job_id()):
         return _run_compress_job(cfg, progress, prepared)
 
 
@@ -389,11 +396,7 @@ def _run_compress_job(cfg: JobConfig, progress: bool, prepared: PreparedJob | No
 
 def run_sweep_job(cfg: JobConfig, progress: bool = True, prepared: PreparedJob | None = None):
     """Tune sweep of pruning thresholds for ``cfg.sweep.neurons`` (default: the first 2 selected)."""
-    from farm.submit import check_not_in_ray_job_copy
-
-    check_not_in_ray_job_copy(cfg)
-    job_id = cfg.resolved_job_id() + "-sweep"
-    with exclusive(Path(cfg.out_dir) / f".job-{job_id}.lock", f"job {job_id}"):
+    with _one_driver(cfg, cfg.resolved_job_id() + "-sweep"):
         return _run_sweep_job(cfg, progress, prepared)
 
 

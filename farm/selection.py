@@ -42,12 +42,16 @@ def neuron_sort_key(neuron_id: str):
     return (s, int(i) if i.isdigit() else i)
 
 
-def check_selection(selection: str | Sequence[str]) -> None:
-    """ValueError when ``selection`` is not in the grammar (see the module docstring)."""
-    for item in _items(selection):
-        session, _, spec = item.partition(":")
-        if item != "all" and spec not in ("", "*"):
-            _ranges(item, spec)
+def check_selection(selection: str | Sequence[str], key: str = "neurons") -> None:
+    """ValueError (prefixed with the config ``key``) when ``selection`` is not in the grammar (see the
+    module docstring)."""
+    try:
+        for item in _items(selection):
+            session, _, spec = item.partition(":")
+            if item != "all" and spec not in ("", "*"):
+                _ranges(item, spec)
+    except ValueError as e:
+        raise ValueError(f"{key}: {e}") from None
 
 
 def parse_neuron_selection(selection: str | Sequence[str], available: Sequence[str]) -> list[str]:
