@@ -30,6 +30,7 @@ from farm.data.images import BankConfig
 from farm.data.simulate import SimulationConfig
 from farm.selection import check_selection
 from farm.teacher import TeacherConfig
+from farm.tracking import default_tracking_uri
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / "configs"
@@ -228,7 +229,7 @@ class JobConfig:
         current directory, where ``make demo`` writes)."""
         if self.tracking.uri:
             return self.tracking.uri
-        return f"sqlite:///{Path(self.out_dir).resolve().parent / 'mlflow.db'}"
+        return default_tracking_uri(Path(self.out_dir).resolve().parent)
 
     def resolved_job_id(self) -> str:
         """The given job id, else a stable hash of the normalized config (defaults spelt out or not)

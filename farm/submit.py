@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -98,7 +99,7 @@ def submit(config: str, overrides: list[str], address: str | None = None, wait: 
         cfg_arg = str(path)  # outside the repo: read there (single-machine head / shared FS)
     python = python or sys.executable
     args = [python, "-m", "farm.cli", command, "--config", cfg_arg, *overrides, *pinned]
-    entrypoint = " ".join(_quote(a) for a in args)
+    entrypoint = shlex.join(args)
     env_vars = {"MLFLOW_TRACKING_URI": cfg.tracking_uri(),
                 "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"),
                 "RAY_USAGE_STATS_ENABLED": os.environ.get("RAY_USAGE_STATS_ENABLED", "0")}
@@ -114,12 +115,6 @@ def submit(config: str, overrides: list[str], address: str | None = None, wait: 
     print(f"{sid}: {status}; its runs: MLflow store {cfg.tracking_uri()} (open it with: farm ui --uri "
           f"{cfg.tracking_uri()})", file=out, flush=True)
     return sid, status
-
-
-def _quote(a: str) -> str:
-    import shlex
-
-    return shlex.quote(a)
 
 
 def _follow(client, sid: str, out) -> str:
