@@ -355,8 +355,9 @@ def prune_and_retrain(distilled: CompactModel, neuron_id: str, images: np.ndarra
     config = config or CompressConfig()
     if threads is not None:
         torch.set_num_threads(int(threads))
-    if not isinstance(distilled, CompactModel) or distilled.spec.readout != "dense":
-        raise ValueError("prune_and_retrain: distilled must be a single-output (dense readout) CompactModel")
+    if not isinstance(distilled, CompactModel) or distilled.spec.n_outputs != 1:
+        raise ValueError("prune_and_retrain: distilled must be a single-output CompactModel (dense readout, or "
+                         "factorized with one output)")
     images, targets, heldout_images, heldout_targets = check_inputs(images, targets, heldout_images,
                                                                      heldout_targets)
     if distilled.spec.image_size != images.shape[1]:

@@ -267,7 +267,8 @@ def compress_group_and_log(neuron_ids: Sequence[str], inputs: NeuronInputs, comp
             try:
                 col = inputs.neuron_ids.index(n)
                 cpu0, wall0 = time.process_time(), time.perf_counter()
-                start = neuron_start(inputs.shared_start, n, inputs.bank_images, cfg.specialize)
+                start = neuron_start(inputs.shared_start, n, inputs.bank_images, cfg.specialize,
+                                     targets=inputs.bank_targets[:, col])
                 start_s = time.perf_counter() - wall0
                 result = compress_neuron(
                     n, inputs.bank_images, inputs.bank_targets[:, col], inputs.heldout_images,

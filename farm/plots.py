@@ -58,8 +58,8 @@ def filter_weights_figure(model, max_filters: int = 12, title: str = ""):
             m = np.abs(w[j]).max() or 1.0
             axes[l, j].imshow(w[j], cmap="RdBu_r", vmin=-m, vmax=m, interpolation="nearest")
         axes[l, 0].set_title(f"layer {l} depthwise", fontsize=7, loc="left")
-    if model.spec.readout == "dense":
-        maps = model.readout_maps().detach().cpu().numpy()  # (R, R, K4)
+    if model.spec.n_outputs == 1:
+        maps = model.readout_weights().detach().cpu().numpy()  # (R, R, K4)
         for j in range(min(maps.shape[2], cols)):
             m = np.abs(maps[:, :, j]).max() or 1.0
             axes[5, j].imshow(maps[:, :, j], cmap="RdBu_r", vmin=-m, vmax=m)

@@ -196,6 +196,12 @@ def masked_copy(model: CompactModel, keep: Sequence[Sequence[int]]) -> CompactMo
     return out
 
 
+def _check_single_output(model: CompactModel, where: str) -> None:
+    if model.spec.n_outputs != 1:
+        raise ValueError(f"{where}: needs a single-output model (dense readout, or a factorized one with one "
+                         f"output), got readout={model.spec.readout!r} with {model.spec.n_outputs} outputs")
+
+
 # -- per-layer decisions -----------------------------------------------------------------------------
 def prune_last_layer(model: CompactModel, images, targets, config: PruneConfig | None = None,
                      device: str | torch.device = "cpu") -> LayerPruning:
@@ -214,12 +220,10 @@ def prune_last_layer(model: CompactModel, images, targets, config: PruneConfig |
 
 
 def _last_layer_decision(model, images, targets, config: PruneConfig, device) -> LayerPruning:
-    if model.spec.readout != "dense":
-        raise ValueError("prune_last_layer(): needs the dense (single-output) readout, "
-                         f"got readout={model.spec.readout!r}")
+    _check_single_output(model, "prune_last_layer()")
     targets = _check_inputs(model, images, targets)
     k4 = model.spec.filters[4]
-    maps = model.readout_maps()  # (R, R, K4)
+    maps = model.readout_weights()  # (R, R, K4)
     contrib = np.empty((len(images), k4), dtype=np.float64)
     with torch.no_grad():
         for start, x in _batches(model, images, config.batch_size, device):
@@ -355,8 +359,7 @@ def prune(model: CompactModel, images, targets, config: PruneConfig | None = Non
     ``retrain(narrow_model) -> model`` (same widths); pruning continues from what it returns.
     """
     config = config or PruneConfig()
-    if model.spec.readout != "dense":
-        raise ValueError(f"prune(): needs the dense (single-output) readout, got readout={model.spec.readout!r}")
+    _check_single_output(model, "prune()")
     targets = _check_inputs(model, images, targets)
     if config.iterative and not callable(retrain):
         raise ValueError("prune(): PruneConfig.iterative=True needs a retrain(model) -> model callable")
@@ -544,10 +547,15 @@ def _widen(model: CompactModel, full_spec: CompactSpec, keep: Sequence[Sequence[
             for name in ("weight", "bias", "running_mean", "running_var"):
                 dst[f"layer{l}_bn.{name}"][idx[l]] = src[f"layer{l}_bn.{name}"]
             dst[f"layer{l}_bn.num_batches_tracked"].copy_(src[f"layer{l}_bn.num_batches_tracked"])
-        r = full_spec.readout_size
-        dst["readout.weight"].view(r, r, full_spec.filters[4])[:, :, idx[4]] = \
-            src["readout.weight"].view(r, r, len(keep[4]))
-        dst["readout.bias"].copy_(src["readout.bias"])
+        if full_spec.readout == "dense":
+            r = full_spec.readout_size
+            dst["readout.weight"].view(r, r, full_spec.filters[4])[:, :, idx[4]] = \
+                src["readout.weight"].view(r, r, len(keep[4]))
+            dst["readout.bias"].copy_(src["readout.bias"])
+        else:
+            dst["mixing.weight"][:, idx[4]] = src["mixing.weight"]
+            for name in ("mixing.bias", "spatial", "spatial_bias"):
+                dst[name].copy_(src[name])
     wide.load_state_dict(dst)
     return wide.eval()
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -33,7 +34,13 @@ class SpecializeConfig:
     """late_filters: widths (K3, K4) of the neuron's own layers 3-4. passes: passes over the
     training images. lr: Adam rate (cosine to 0). batch_size: images per step. flip: add each
     image's left-right mirror to the training images (the target map is the shared model's own, so
-    any image is a training image; a pass then covers twice as many)."""
+    any image is a training image; a pass then covers twice as many).
+    readout: "dense" (784 x K4 weights at 28 x 28, like the paper's per-neuron models) or
+    "factorized" (the shared model's form: a spatial map times a channel mixing, 784 + K4 weights;
+    the same function at the end of the map fit, and the parameters go to wider late layers).
+    tune_passes: then passes of fitting layers 3-4 and the readout to the TEACHER's responses
+    (``targets``) on the same frozen early activations (Adam at tune_lr, cosine to 0; BatchNorm
+    statistics fixed); 0: none."""
 
     late_filters: tuple[int, int] = (16, 4)
     passes: float = 20.0
@@ -41,6 +48,10 @@ class SpecializeConfig:
     batch_size: int = 64
     seed: int = 0
     flip: bool = False
+    readout: Literal["dense", "factorized"] = "dense"
+    tune_passes: float = 0.0
+    tune_lr: float = 1e-3
+    tune_batch_size: int = 32
 
     def __post_init__(self):
         lf = tuple(int(k) for k in self.late_filters)
@@ -49,6 +60,10 @@ class SpecializeConfig:
             raise ValueError(f"SpecializeConfig.late_filters must be two ints >= 1, got {self.late_filters}")
         if not self.passes > 0 or not self.lr > 0 or self.batch_size < 1:
             raise ValueError("SpecializeConfig: need passes > 0, lr > 0, batch_size >= 1")
+        if not self.tune_passes >= 0 or not self.tune_lr > 0 or self.tune_batch_size < 1:
+            raise ValueError("SpecializeConfig: need tune_passes >= 0, tune_lr > 0, tune_batch_size >= 1")
+        if self.readout not in ("dense", "factorized"):
+            raise ValueError(f"SpecializeConfig.readout must be 'dense' or 'factorized', got {self.readout!r}")
         if not isinstance(self.flip, bool):
             raise ValueError(f"SpecializeConfig.flip must be true or false, got {self.flip!r}")
 
@@ -61,12 +76,12 @@ class SpecializeConfig:
 
 
 def neuron_start(shared: CompactModel, neuron_id: str, images: np.ndarray,
-                 config: "SpecializeConfig | None" = None) -> CompactModel:
+                 config: "SpecializeConfig | None" = None, targets: np.ndarray | None = None) -> CompactModel:
     """A neuron's start from a shared student: its exact slice, or with ``config`` its specialized
-    model (``specialize``)."""
+    model (``specialize``; ``targets``: the teacher's responses to ``images``, for ``tune_passes``)."""
     if config is None:
         return output_slice(shared, neuron_id)
-    return specialize(shared, neuron_id, images, config)[0]
+    return specialize(shared, neuron_id, images, config, targets=targets)[0]
 
 
 @torch.no_grad()
@@ -106,13 +121,23 @@ def neuron_map(model: CompactModel, index: int, images: np.ndarray, batch_size: 
 
 def specialize(shared: CompactModel, neuron_id: str, images: np.ndarray,
                config: SpecializeConfig | None = None, target: CompactModel | None = None,
-               target_map: torch.Tensor | None = None) -> tuple[CompactModel, dict]:
+               target_map: torch.Tensor | None = None,
+               targets: np.ndarray | None = None) -> tuple[CompactModel, dict]:
     """The neuron's dense compact model with its own narrow layers 3-4 (see the module docstring).
     ``target``: another factorized model with this output (e.g. a shared-compact TEACHER) whose map
     and spatial readout are fitted instead of ``shared``'s own (``target_map``: its precomputed map
-    on ``images``). Returns (model in eval mode on CPU, info: seconds, map_r2 = weighted R² of the
-    fitted map)."""
+    on ``images``). ``targets``: the teacher's responses (N,) to ``images``, needed with
+    ``config.tune_passes``. Returns (model in eval mode on CPU, info: seconds, map_r2 = weighted R²
+    of the fitted map)."""
     config = config or SpecializeConfig()
+    n_images = len(images)
+    if config.tune_passes:
+        if targets is None:
+            raise ValueError("specialize: SpecializeConfig.tune_passes needs the teacher's responses (targets)")
+        targets = np.asarray(targets, dtype=np.float64).reshape(-1)
+        if targets.shape != (n_images,) or not np.all(np.isfinite(targets)):
+            raise ValueError(f"specialize: targets must be {n_images} finite responses, one per image, "
+                             f"got shape {targets.shape}")
     spec = shared.spec
     target = shared if target is None else target
     for what, m in (("shared", shared), ("target", target)):
@@ -122,8 +147,8 @@ def specialize(shared: CompactModel, neuron_id: str, images: np.ndarray,
     index = target.spec.neuron_ids.index(neuron_id)
     t0 = time.perf_counter()
     k3, k4 = config.late_filters
-    new_spec = CompactSpec(filters=(*spec.filters[:3], k3, k4), image_size=spec.image_size, readout="dense",
-                           n_outputs=1, activation=spec.activation, output_units=spec.output_units,
+    new_spec = CompactSpec(filters=(*spec.filters[:3], k3, k4), image_size=spec.image_size,
+                           readout=config.readout, n_outputs=1, activation=spec.activation, output_units=spec.output_units,
                            neuron_ids=(neuron_id,))
     model = build_compact(new_spec, seed=config.seed)
     copy_early_(model, shared)
@@ -133,7 +158,9 @@ def specialize(shared: CompactModel, neuron_id: str, images: np.ndarray,
         if target_map is not None:  # the model is not mirror-symmetric: its map of the mirrored images
             target_map = torch.cat([target_map.float(), neuron_map(target, index, mirrored)])
         images = np.concatenate([images, mirrored])
-    a2 = _early(shared, images)
+    # channels-last: PyTorch's CPU depthwise/pointwise convolutions (and their backward) run about twice
+    # as fast on it at these sizes (benchmarks/README.md "Specialization speed")
+    a2 = _early(shared, images).contiguous(memory_format=torch.channels_last)
     if target_map is None:  # the shared model's own map: from the early activations just computed
         target_map = (_late_map(shared, index, a2) if target is shared else neuron_map(target, index, images))
     target_map = target_map.float()
@@ -148,6 +175,8 @@ def specialize(shared: CompactModel, neuron_id: str, images: np.ndarray,
         torch.manual_seed(int(config.seed))
         mix = torch.nn.Conv2d(k4, 1, 1)
     late = [model.layer3_point, model.layer3_bn, model.layer4_depth, model.layer4_point, model.layer4_bn]
+    model = model.to(memory_format=torch.channels_last)
+    mix = mix.to(memory_format=torch.channels_last)
     params = [p for m in late for p in m.parameters()] + list(mix.parameters())
     opt = torch.optim.Adam(params, lr=config.lr, eps=1e-7)
     n = len(images)
@@ -184,8 +213,54 @@ def specialize(shared: CompactModel, neuron_id: str, images: np.ndarray,
         # readout: out = sum_xy s * (sd * (mix . a4') + mu) + b  ->  dense maps s[x,y] * sd * mix_k
         s_map = target.spatial[index].detach().float().cpu()  # (R, R)
         m = mix.weight.detach()[0, :, 0, 0]  # (K4,)
-        w = s_map[:, :, None] * (sd * m)[None, None, :]
-        model.readout.weight.copy_(w.reshape(1, -1))
-        bias = src["spatial_bias"][index].float().cpu() + s_map.sum() * (sd * mix.bias.detach()[0] + mu)
-        model.readout.bias.copy_(bias.reshape(1))
-    return model.eval(), {"seconds": time.perf_counter() - t0, "map_r2": float(1 - resid)}
+        if config.readout == "dense":
+            w = s_map[:, :, None] * (sd * m)[None, None, :]
+            model.readout.weight.copy_(w.reshape(1, -1))
+            bias = src["spatial_bias"][index].float().cpu() + s_map.sum() * (sd * mix.bias.detach()[0] + mu)
+            model.readout.bias.copy_(bias.reshape(1))
+        else:  # the same function: sum_xy s * (mixing . a4) + b with mixing = sd * mix, its bias sd * b + mu
+            model.mixing.weight.copy_((sd * mix.weight.detach()).reshape(1, k4, 1, 1))
+            model.mixing.bias.copy_((sd * mix.bias.detach() + mu).reshape(1))
+            model.spatial.copy_(s_map[None])
+            model.spatial_bias.copy_(src["spatial_bias"][index].float().cpu().reshape(1))
+    info = {"map_r2": float(1 - resid)}
+    if config.tune_passes:
+        info["tune_train_r2"] = _tune(model, a2[:n_images], targets, config)
+    model = model.to(memory_format=torch.contiguous_format)
+    return model.eval(), {"seconds": time.perf_counter() - t0, **info}
+
+
+def _tune(model: CompactModel, a2: torch.Tensor, targets: np.ndarray, config: SpecializeConfig) -> float:
+    """Fit layers 3-4 and the readout to the teacher's responses on frozen layer-2 activations ``a2``
+    (in place; BatchNorm in eval mode: its statistics stay the map fit's). The loss is on z-scored
+    responses, the model keeps the teacher's units. Returns the squared correlation on the
+    training images at the end."""
+    mu, sd = float(targets.mean()), float(targets.std()) or 1.0
+    z = torch.as_tensor((targets - mu) / sd, dtype=torch.float32)
+    late = [model.layer3_point, model.layer3_bn, model.layer4_depth, model.layer4_point, model.layer4_bn]
+    readout = [model.readout] if model.spec.readout == "dense" else []
+    params = [p for m in late + readout for p in m.parameters()]
+    if model.spec.readout != "dense":
+        params += [*model.mixing.parameters(), model.spatial, model.spatial_bias]
+    opt = torch.optim.Adam(params, lr=config.tune_lr, eps=1e-7)
+    n, bs = len(a2), config.tune_batch_size
+    steps = max(1, math.ceil(config.tune_passes * n / bs))
+    gen = torch.Generator().manual_seed(int(config.seed) + 1)
+    model.eval()
+    order, pos = torch.randperm(n, generator=gen), 0
+    for step in range(steps):
+        if pos + bs > n:
+            order, pos = torch.randperm(n, generator=gen), 0
+        idx = order[pos:pos + bs]
+        pos += bs
+        out = model.head(model.layer_act(4, model.layer_act(3, a2[idx])))[:, 0]
+        loss = (((out - mu) / sd - z[idx]) ** 2).mean()
+        for g in opt.param_groups:
+            g["lr"] = config.tune_lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        out = torch.cat([model.head(model.layer_act(4, model.layer_act(3, a2[s:s + 256])))[:, 0]
+                         for s in range(0, n, 256)]).double().numpy()
+    return float(np.corrcoef(out, targets)[0, 1] ** 2)

@@ -71,7 +71,8 @@ def distill_cached(neuron_id: str, inputs: NeuronInputs, compress_cfg: dict, see
     if inputs.shared_start is not None:  # the "shared" recipe: the neuron's slice is its start
         from farm.specialize import neuron_start
 
-        model = neuron_start(inputs.shared_start, neuron_id, inputs.bank_images, cfg.specialize)
+        model = neuron_start(inputs.shared_start, neuron_id, inputs.bank_images, cfg.specialize,
+                             targets=inputs.bank_targets[:, col])
     else:
         model = distill_neuron(neuron_id, inputs.bank_images, inputs.bank_targets[:, col], cfg,
                                device=resolve_device(device), threads=task_threads())

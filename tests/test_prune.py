@@ -472,3 +472,27 @@ def test_repruning_a_published_compact_model(published_dir, v4_dir):
     assert all(h["fv"] >= 0.9 for h in res.history)
     assert res.history[0]["r2_teacher_before"] == pytest.approx(1.0, abs=1e-9)
     _assert_same_outputs(res.model, res.masked, imgs[:50], atol=1e-4)
+
+
+def test_a_factorized_single_output_model_prunes_as_its_dense_slice(images):
+    """A one-output model with the shared models' factorized readout (spatial map x channel mixing:
+    farm.specialize's ``readout: factorized``) makes the decisions its exact dense slice makes, and
+    the rebuilt model stays factorized and computes the same function."""
+    from farm.models.compact import output_slice
+
+    spec = CompactSpec(filters=FILTERS, image_size=SIZE, readout="factorized", n_outputs=1, neuron_ids=("s:0",))
+    fact = _calibrate_(build_compact(spec, seed=3), images, 3)
+    with torch.no_grad():  # a readout map with structure, so filters differ in what they carry
+        fact.spatial.normal_(generator=torch.Generator().manual_seed(4))
+    dense = output_slice(fact, 0)
+    assert torch.allclose(fact.readout_weights(), dense.readout_maps(), atol=1e-6)
+    targets = _outputs(dense, images)
+    a, b = prune(fact, images, targets, PruneConfig()), prune(dense, images, targets, PruneConfig())
+    assert a.keep == b.keep and sum(a.filters) < sum(FILTERS)
+    assert a.model.spec.readout == "factorized" and a.model.spec.param_count() < b.model.spec.param_count()
+    fresh = _images(40, seed=7)
+    _assert_same_outputs(a.model, b.model, fresh, atol=1e-4)
+    _assert_same_outputs(a.model, a.masked, fresh)
+    shared = build_compact(CompactSpec(filters=FILTERS, image_size=SIZE, readout="factorized", n_outputs=2), seed=0)
+    with pytest.raises(ValueError, match="single-output model"):
+        prune(shared, images, np.zeros((len(images), 2)), PruneConfig())

@@ -177,15 +177,21 @@ def test_a_shared_student_can_start_from_another_models_early_filters_frozen(sim
                                                                          init_from=str(tmp_path / "src")))
 
 
-def test_specialize_fits_narrow_late_layers_to_one_neurons_map_of_a_shared_student(sim):
+@pytest.fixture(scope="module")
+def shared6(sim):
+    """A shared student (6 early, 8 late filters) of the simulated neurons."""
+    fast = DistillConfig(n_images=6400, batch_size=32, lr=3e-3, lr_schedule="cosine", bn_recalibrate_images=256)
+    return distill_shared(sim["ids"], sim["x"], sim["y"], SharedStartConfig(early_filters=6, late_filters=8,
+                                                                           distill=fast), seed=0).model
+
+
+def test_specialize_fits_narrow_late_layers_to_one_neurons_map_of_a_shared_student(sim, shared6):
     """farm.specialize: the neuron's own narrow layers 3-4, fitted to its 8x8 feature map (per-pixel
     targets), compose with the shared readout into a dense model that computes what the shared
     model computes for that neuron, in its units."""
     from farm.specialize import SpecializeConfig, specialize
 
-    fast = DistillConfig(n_images=6400, batch_size=32, lr=3e-3, lr_schedule="cosine", bn_recalibrate_images=256)
-    shared = distill_shared(sim["ids"], sim["x"], sim["y"], SharedStartConfig(early_filters=6, late_filters=8,
-                                                                             distill=fast), seed=0).model
+    shared = shared6
     nid = sim["ids"][4]
     model, info = specialize(shared, nid, sim["x"], SpecializeConfig(late_filters=(6, 3), passes=10))
     assert model.spec.filters == (6, 6, 6, 6, 3) and model.spec.readout == "dense" and model.spec.neuron_ids == (nid,)
@@ -212,3 +218,39 @@ def test_specialize_fits_narrow_late_layers_to_one_neurons_map_of_a_shared_stude
     from farm.specialize import neuron_start
 
     assert neuron_start(shared, nid, sim["x"]).spec.filters == (6, 6, 6, 8, 8)  # no config: the slice
+
+
+def test_specialize_keeps_the_factorized_readout_and_tunes_to_the_teachers_responses(sim, shared6):
+    """``readout: factorized`` fits as well as the dense readout with K4-fold fewer readout weights; ``tune_passes`` then fits the late layers and readout to the teacher's scalar
+    responses (here the true rates, which the shared student only approximates) and gets closer to
+    them on held-out images; its start in a compress run keeps the factorized form."""
+    from farm.specialize import SpecializeConfig, specialize
+
+    nid, col = sim["ids"][4], 4
+    base = dict(late_filters=(6, 3), passes=5)
+    dense = specialize(shared6, nid, sim["x"], SpecializeConfig(**base))[0]
+    fact, info = specialize(shared6, nid, sim["x"], SpecializeConfig(**base, readout="factorized"))
+    assert fact.spec.readout == "factorized" and fact.spec.n_outputs == 1 and fact.spec.neuron_ids == (nid,)
+    assert fact.spec.param_count() < dense.spec.param_count()
+    want = predict(shared6, sim["hx"])[:, col]  # the map fit reproduces the shared output in either form
+    r2_dense, r2_fact = (squared_pearson(want, predict(m, sim["hx"])) for m in (dense, fact))
+    assert r2_fact > 0.7 and abs(r2_fact - r2_dense) < 0.05, (r2_fact, r2_dense, info)
+    tuned, tinfo = specialize(shared6, nid, sim["x"], SpecializeConfig(**base, readout="factorized", tune_passes=3),
+                              targets=sim["y"][:, col])
+    before, after = (squared_pearson(sim["hy"][:, col], predict(m, sim["hx"])) for m in (fact, tuned))
+    assert after > before + 0.01 and tinfo["tune_train_r2"] > after - 0.1, (before, after, tinfo)
+    got = predict(tuned, sim["hx"])  # in the teacher's units
+    assert abs(got.mean() - sim["hy"][:, col].mean()) < 0.2 * sim["hy"][:, col].std()
+    with pytest.raises(ValueError, match="tune_passes needs the teacher's responses"):
+        specialize(shared6, nid, sim["x"], SpecializeConfig(**base, tune_passes=1))
+    with pytest.raises(ValueError, match="readout must be 'dense' or 'factorized'"):
+        SpecializeConfig(readout="low-rank")
+    with pytest.raises(ValueError, match="tune_passes >= 0"):
+        SpecializeConfig(tune_passes=-1)
+    with pytest.raises(ValueError, match="targets must be"):
+        specialize(shared6, nid, sim["x"], SpecializeConfig(**base, tune_passes=1), targets=sim["y"][:10, col])
+    cfg = CompressConfig.from_dict({"recipe": "shared", "specialize": {**base, "readout": "factorized"},
+                                    "prune": {"tau": 0.9}, "retrain": {"n_images": 500}})
+    res = compress_neuron(nid, sim["x"], sim["y"][:, col], sim["hx"], sim["hy"][:, col], cfg, distilled=fact)
+    assert res.spec["readout"] == "factorized" and res.param_count <= fact.spec.param_count()
+    assert res.r2_teacher_heldout > 0.5

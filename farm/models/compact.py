@@ -225,6 +225,16 @@ class CompactModel(nn.Module):
         r = self.spec.readout_size
         return self.readout.weight.view(r, r, self.spec.filters[4])
 
+    def readout_weights(self) -> torch.Tensor:
+        """A single-output model's readout as (R, R, K4) weights on the layer-4 maps: the dense
+        readout's view, or a factorized readout's s[y, x] * m[k] (computed: writing to it changes
+        nothing; zero ``mixing`` columns to drop filters)."""
+        if self.spec.readout == "dense":
+            return self.readout_maps()
+        if self.spec.n_outputs != 1:
+            raise ValueError(f"readout_weights() is for single-output models, this one has {self.spec.n_outputs}")
+        return self.spatial[0][:, :, None] * self.mixing.weight[0, :, 0, 0][None, None, :]
+
     # -- forward --------------------------------------------------------------------------------
     def layer_pre(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         """Layer ``layer``'s linear output (conv + bias, before BN) from the previous activation."""
