@@ -6,6 +6,7 @@ cached stages; R² to the teacher on its held-out bank images, raw R² on 190923
     python benchmarks/slice_probes.py specialize --late 32,8 --passes 30        # then 2 retrain passes at 1e-4
     python benchmarks/slice_probes.py specialize --passes 5 --flip              # mirrors: twice the images
     python benchmarks/slice_probes.py specialize --passes 10 --map-from teacher # fit the teacher's own map
+    python benchmarks/slice_probes.py ceilings --neurons 190923:0-7             # slices at K = 5..50, published models
 """
 
 import argparse
@@ -31,7 +32,8 @@ def main(argv=None):
     from farm.specialize import SpecializeConfig, specialize
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("probe", choices=["prune", "specialize"])
+    p.add_argument("probe", choices=["prune", "specialize", "ceilings"])
+    p.add_argument("--neurons", default="190923:0-7", help="ceilings: the neurons (a selection)")
     p.add_argument("--k", type=int, default=10, help="early filters of the published shared model")
     p.add_argument("--neuron", default="190923:0")
     p.add_argument("--criterion", default="reconstruction")
@@ -47,6 +49,8 @@ def main(argv=None):
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     inp = prepare_job(load_job_config("v4_190923")).inputs
+    if a.probe == "ceilings":
+        return ceilings(inp, a.neurons)
     col = inp.neuron_ids.index(a.neuron)
     x, y, hx, hy = inp.bank_images, inp.bank_targets[:, col], inp.heldout_images, inp.heldout_targets[:, col]
     rd = inp.real[a.neuron.split(":")[0]]
@@ -75,6 +79,33 @@ def main(argv=None):
                                                                       passes=a.passes, flip=a.flip), target=target)
         report(f"specialized (map R² {info['map_r2']:.3f})", model)
     report("retrained", distill(model, x, y, retrain, trained=True).model)
+
+
+def ceilings(inp, selection: str) -> None:
+    """R² to the teacher (held-out bank images) of the published shared models' slices at K = 5..50
+    early filters and of the paper's published per-neuron compact models (distilled from ITS
+    ensemble, not from this teacher): what a start, and a model of the paper's size, can reach."""
+    from farm.distill import predict, squared_pearson
+    from farm.models.compact import output_slice
+    from farm.models.published import load_published_session
+    from farm.selection import parse_neuron_selection
+    from farm.shared_start import load_shared_start
+
+    neurons = parse_neuron_selection(selection, inp.neuron_ids)
+    cols = [inp.neuron_ids.index(n) for n in neurons]
+
+    def row(what, models):
+        r2 = [squared_pearson(inp.heldout_targets[:, c], predict(m, inp.heldout_images)) for m, c in zip(models, cols)]
+        params = [m.spec.param_count() for m in models]
+        print(f"| {what} | {np.median(r2):.3f} | {' '.join(f'{v:.3f}' for v in r2)} | {int(np.median(params)):,} |",
+              flush=True)
+
+    print(f"| start | median R² to teacher ({len(neurons)} neurons) | per neuron | median params |\n|---|---|---|---|")
+    for k in (5, 10, 25, 35, 50):
+        shared = load_shared_start(SHARED.format(k=k), neurons)
+        row(f"slice of the published shared model, K={k}", [output_slice(shared, n) for n in neurons])
+    published = {f"190923:{i}": m for i, m in enumerate(load_published_session("../shared/models/published", "190923"))}
+    row("published per-neuron compact model", [published[n] for n in neurons])
 
 
 if __name__ == "__main__":

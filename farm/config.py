@@ -29,7 +29,7 @@ from farm.compress import CompressConfig
 from farm.data.images import BankConfig
 from farm.data.simulate import SimulationConfig
 from farm.selection import check_selection
-from farm.teacher import TeacherConfig
+from farm.teacher_config import TeacherConfig
 from farm.tracking import default_tracking_uri
 
 REPO = Path(__file__).resolve().parents[1]

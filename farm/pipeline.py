@@ -106,7 +106,8 @@ def prepare_teacher(cfg: JobConfig, sessions, truth, sessions_dir: Path, tracker
     if t.kind in PUBLISHED_KINDS:
         teacher, teacher_id = published_teacher(t.kind, t.path, t.session)
         return teacher, {"kind": t.kind, "path": str(t.path), "pretrained": None, "teacher_id": teacher_id}
-    from farm.teacher import EnsembleTeacher, run_teacher_training
+    from farm.teacher import EnsembleTeacher
+    from farm.teacher_training import run_teacher_training
 
     tdir = Path(t.path) if t.path else out / "teacher"
     if t.kind == "saved" or (tdir / "teacher" / "teacher.json").is_file() or (tdir / "teacher.json").is_file():

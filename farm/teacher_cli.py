@@ -15,7 +15,8 @@ from farm.tracking import Tracker
 
 
 def teacher_command(args) -> int:
-    from farm.teacher import evaluate_teacher, run_teacher_training
+    from farm.teacher_readout import evaluate_teacher
+    from farm.teacher_training import run_teacher_training
 
     if args.teacher_cmd == "train":
         tracker = Tracker.open(args.tracking_uri or store_uri(), args.experiment)

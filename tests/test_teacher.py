@@ -29,14 +29,10 @@ from farm.models.ensemble import (
     fold_blocks,
     readout_init_weights,
 )
-from farm.teacher import (
-    EnsembleTeacher,
-    TeacherConfig,
-    evaluate_teacher,
-    fit_session_readout,
-    run_teacher_training,
-    train_teacher,
-)
+from farm.teacher import EnsembleTeacher
+from farm.teacher_config import TeacherConfig
+from farm.teacher_readout import evaluate_teacher, fit_session_readout
+from farm.teacher_training import run_teacher_training, train_teacher
 
 REPO = Path(__file__).resolve().parents[1]
 
