@@ -1,4 +1,4 @@
-"""Wall time of one compress job on local Ray with 1 worker vs 2 workers (farm.farm.run_neurons).
+"""Wall time of one compress job on local Ray with 1 worker vs 2 workers (farm.fanout.run_neurons).
 
 The job: a simulated population (teacher = its true rates, so no teacher training), N neurons
 (default 8), 24 px images, 8-filter students distilled for one pass over 2,000 bank images, pruned
@@ -60,7 +60,7 @@ def cpu_model() -> str:
 def run_once(workers: int, prepared, cfg, store: Path, pack: int = 1) -> dict:
     import ray
 
-    from farm.farm import init_ray, run_neurons
+    from farm.fanout import init_ray, run_neurons
     from farm.selection import parse_neuron_selection
     from farm.tracking import Tracker
 

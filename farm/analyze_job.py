@@ -4,7 +4,7 @@
 
 1. The job's FINISHED neuron runs (MLflow) -> their compact models (the logged ``model/`` artifacts).
 2. Maximizing natural images over the WHOLE image bank: Ray tasks over (groups of models) x (bank
-   chunks), partial top-k lists merged (``farm.farm.rank_bank_parallel``).
+   chunks), partial top-k lists merged (``farm.fanout.rank_bank_parallel``).
 3. Per model, one Ray task: ``run_all_analyses`` (maximizing/minimizing synthesized images,
    adversarial, saliency, smooth-, dot tuning, filter ablation) on the model's top bank images plus a
    random sample of the bank (the "normal" baseline); figures, .npz data and metrics.json go to the
@@ -73,7 +73,7 @@ def _analyze_task(neuron_id: str, model_dir: str, top_images: np.ndarray, sample
     import torch
 
     from farm.analysis import AnalysisConfig, run_all_analyses
-    from farm.farm import resolve_device, task_threads
+    from farm.task_env import resolve_device, task_threads
     from farm.models.compact import load_compact
 
     torch.set_num_threads(task_threads())
@@ -138,10 +138,10 @@ def run_analyze_job(cfg: JobConfig, force: bool = False, progress: bool = True) 
     from farm.analysis import AnalysisConfig, run_population_analyses
     from farm.analysis.figures import gallery_figure
     from farm.data.images import ImageBank
-    from farm.farm import gather, rank_bank_parallel
+    from farm.fanout import gather, rank_bank_parallel
     from farm.selection import parse_neuron_selection
     from farm.models.compact import load_compact
-    from farm.farm import init_job_ray
+    from farm.fanout import init_job_ray
 
     t0 = time.time()
     acfg = AnalysisConfig.from_dict(cfg.analysis.config)  # fails early on a bad key

@@ -3,7 +3,7 @@
 Every stage writes its output under the job's ``out_dir`` and reuses it on the next run (the
 simulated population, the trained teacher, the bank, the teacher-response table, distilled models),
 so a re-run after a crash only redoes what is missing. MLflow and Ray are touched only through
-``farm.tracking``, ``farm.farm`` and ``farm.sweep``.
+``farm.tracking``, ``farm.fanout`` and ``farm.sweep``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ import numpy as np
 
 from farm.files import exclusive, write_text_atomic
 from farm.config import JobConfig, load_job_config, read_yaml, resolve_config_path
-from farm.farm import JobResult, NeuronInputs, init_job_ray, run_neurons
+from farm.fanout import JobResult, init_job_ray, run_neurons
+from farm.neuron_runs import NeuronInputs
 from farm.selection import neuron_sort_key, parse_neuron_selection
 from farm.teacher_sources import PUBLISHED_KINDS, published_teacher
 from farm.tracking import Tracker, ui_command
@@ -215,7 +216,7 @@ def prepare_job(cfg: JobConfig, tracker: Tracker | None = None, progress: bool =
     bank = prepare_bank(cfg, sessions, neuron_sessions, image_size)
     runner = None
     if 0 < cfg.farm.teacher_tasks_min_images <= len(bank) and len(bank.shards) > 1:
-        from farm.farm import ray_shard_runner
+        from farm.fanout import ray_shard_runner
 
         init_job_ray(cfg, tracker or _tracker(cfg))
         runner = ray_shard_runner(cfg.farm.num_cpus, cfg.farm.num_gpus, cfg.farm.max_retries)

@@ -21,7 +21,8 @@ from typing import Sequence
 
 import numpy as np
 
-from farm.farm import NeuronInputs, log_result, resolve_device, result_metrics, task_threads
+from farm.neuron_runs import NeuronInputs, log_result, result_metrics
+from farm.task_env import resolve_device, task_threads
 from farm.tracking import Tracker
 
 log = logging.getLogger(__name__)

@@ -222,7 +222,7 @@ def compute_teacher_responses(teacher, bank_or_images, batch_size: int = 256,
         ``bank_id``, or a content hash of an image array).
     runner: how a bank's shards are run: ``runner(teacher, bank, batch_size, progress)`` -> one
         (image ids, responses (n, neurons)) pair per shard, in shard order. Default: one shard after
-        another in this process. ``farm.farm.ray_shard_runner`` runs them as Ray tasks.
+        another in this process. ``farm.fanout.ray_shard_runner`` runs them as Ray tasks.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")

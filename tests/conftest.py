@@ -65,7 +65,7 @@ def local_ray(ray_tmp):
     """A local Ray (2 CPUs) in this process for the module's tests (the one fixture for it)."""
     import ray
 
-    from farm.farm import init_ray
+    from farm.fanout import init_ray
 
     if ray.is_initialized():
         ray.shutdown()

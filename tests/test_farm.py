@@ -29,7 +29,8 @@ import yaml
 
 from conftest import RAY_ENV
 from farm.config import load_job_config
-from farm.farm import NeuronInputs, compress_and_log, run_neurons
+from farm.fanout import run_neurons
+from farm.neuron_runs import NeuronInputs, compress_and_log
 from farm.tracking import TAG_ERROR, TAG_JOB, TAG_KIND, TAG_NEURON, Tracker
 
 REPO = Path(__file__).resolve().parents[1]
@@ -689,7 +690,7 @@ def test_teacher_responses_as_ray_tasks_equal_the_driver_pass(tiny_base, local_r
     from farm.data.images import BankConfig, build_bank
     from farm.data.simulate import load_ground_truth
     from farm.teacher_responses import compute_teacher_responses
-    from farm.farm import ray_shard_runner
+    from farm.fanout import ray_shard_runner
     from farm.pipeline import prepare_job
 
     bank = build_bank(None, BankConfig(n_images=400, image_size=16, shard_size=100,

@@ -8,7 +8,7 @@ import pytest
 
 FARM = Path(__file__).resolve().parents[1] / "farm"
 #: The edges: Ray, MLflow, job stages, the CLI. Everything else in farm/ is core.
-EDGE = {"farm.farm", "farm.pipeline", "farm.sweep", "farm.tracking", "farm.cli", "farm.analyze_job", "farm.plots",
+EDGE = {"farm.fanout", "farm.neuron_runs", "farm.pipeline", "farm.sweep", "farm.tracking", "farm.cli", "farm.analyze_job", "farm.plots",
         "farm.config", "farm.teacher_cli", "farm.submit"}
 PACKAGES = ("farm.data", "farm.models", "farm.analysis")
 

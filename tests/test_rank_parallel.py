@@ -8,7 +8,7 @@ from farm.models.compact import CompactSpec, build_compact, load_compact, save_c
 
 
 def test_ray_ranking_over_models_and_chunks_equals_one_pass(tmp_path, local_ray):
-    from farm.farm import rank_bank_parallel
+    from farm.fanout import rank_bank_parallel
 
     bank = build_bank(None, BankConfig(n_images=300, image_size=16, proportions={"natural_like": 1.0},
                                        shard_size=100), tmp_path / "bank")
