@@ -218,7 +218,17 @@ def run_sweep(neurons: Sequence[str], inputs: NeuronInputs, compress_cfg: dict, 
                                       callbacks=[_trial_progress(len(neurons) * len(taus) * len(criteria)
                                                                  if search == "grid" else len(neurons) * samples)]
                                       if progress else None))
-    grid = tuner.fit()
+    # Tune's console (its "Configuration for experiment" box, a TensorBoard hint, a line per state
+    # write) would interleave with farm's one progress bar: the legacy output engine at verbose=0
+    # prints none of it; the trials, their results and files are unchanged.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    tune_log = logging.getLogger("ray.tune")
+    level = tune_log.level
+    tune_log.setLevel(max(level, logging.WARNING))
+    try:
+        grid = tuner.fit()
+    finally:
+        tune_log.setLevel(level)
 
     # 3. per neuron: Pareto front and chosen model
     out = []

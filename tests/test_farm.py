@@ -478,10 +478,11 @@ def _tail(path: Path, n: int = 3000) -> str:
 
 # -- the sweep (slow: Tune) -------------------------------------------------------------------------
 @pytest.mark.slow
-def test_sweep_trials_pareto_chosen_cache_and_resume(tiny_base, local_ray, tmp_path):
+def test_sweep_trials_pareto_chosen_cache_and_resume(tiny_base, local_ray, tmp_path, capfd):
     """First run: sim1:1's cached distilled model is unreadable, so its trials error (sim1:0's
     finish). Second run, cache repaired: Tune resumes the experiment (Tuner.restore), re-runs only
-    the errored trials, and sim1:0 is neither distilled nor tried again."""
+    the errored trials, and sim1:0 is neither distilled nor tried again. Tune's own console (its
+    experiment box, a TensorBoard hint) stays out of farm's output."""
     import torch
     from ray import tune
 
@@ -500,6 +501,9 @@ def test_sweep_trials_pareto_chosen_cache_and_resume(tiny_base, local_ray, tmp_p
     prepared = prepare_job(cfg)
 
     first = run_sweep_job(cfg, progress=False, prepared=prepared)
+    console = capfd.readouterr()
+    assert "Configuration for experiment" not in console.out + console.err
+    assert "tensorboard" not in (console.out + console.err).lower()
     tracker = Tracker.open(cfg.tracking.uri, "tiny")
     parents = tracker.client.search_runs([tracker.experiment_id], f"tags.`{TAG_KIND}` = 'sweep'")
     assert len(parents) == 1 and parents[0].data.tags[TAG_JOB] == job_id
