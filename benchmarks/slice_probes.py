@@ -6,6 +6,7 @@ cached stages; R² to the teacher on its held-out bank images, raw R² on 190923
     python benchmarks/slice_probes.py specialize --late 32,8 --passes 30        # then 2 retrain passes at 1e-4
     python benchmarks/slice_probes.py specialize --passes 5 --flip              # mirrors: twice the images
     python benchmarks/slice_probes.py specialize --passes 10 --map-from teacher # fit the teacher's own map
+    python benchmarks/slice_probes.py specialize --k 25 --late 64,16 --passes 15 --flip --readout factorized --tune-passes 4
     python benchmarks/slice_probes.py ceilings --neurons 190923:0-7             # slices at K = 5..50, published models
 """
 
@@ -44,6 +45,10 @@ def main(argv=None):
     p.add_argument("--map-from", choices=["shared", "teacher"], default="shared",
                    help="specialize to the shared model's map or to the (shared-compact) teacher's")
     p.add_argument("--flip", action="store_true", help="specialize on the images and their mirror images")
+    p.add_argument("--readout", choices=["dense", "factorized"], default="dense",
+                   help="specialize: the neuron model's readout form")
+    p.add_argument("--tune-passes", type=float, default=0.0,
+                   help="specialize: then passes fitting layers 3-4 + readout to the teacher's responses")
     p.add_argument("--retrain-passes", type=float, default=2)
     p.add_argument("--retrain-lr", type=float, default=1e-4)
     a = p.parse_args(argv)
@@ -75,8 +80,9 @@ def main(argv=None):
         target = None
         if a.map_from == "teacher":
             target = load_shared_start(SHARED.format(k=200), [a.neuron])
-        model, info = specialize(shared, a.neuron, x, SpecializeConfig(late_filters=tuple(map(int, a.late.split(","))),
-                                                                      passes=a.passes, flip=a.flip), target=target)
+        cfg = SpecializeConfig(late_filters=tuple(map(int, a.late.split(","))), passes=a.passes, flip=a.flip,
+                               readout=a.readout, tune_passes=a.tune_passes)
+        model, info = specialize(shared, a.neuron, x, cfg, target=target, targets=y)
         report(f"specialized (map R² {info['map_r2']:.3f})", model)
     report("retrained", distill(model, x, y, retrain, trained=True).model)
 
