@@ -660,7 +660,7 @@ def test_the_v4_190923_config_compresses_real_neurons(tiny_base, local_ray, tmp_
         f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "neurons=190923:0-1", "bank.heldout=100",
         "bank.bank.n_images=400", "compress.student_filters=[4,4,4,4,4]", "compress.distill.passes=1",
         "compress.distill.bn_recalibrate_images=256", "compress.retrain.bn_recalibrate_images=256",
-        "compress.specialize.passes=3", "compress.retrain.passes=1", "compress.iterative_retrain_passes=0.2",
+        "compress.specialize.passes=3", "compress.specialize.tune_passes=1", "compress.retrain.passes=1", "compress.iterative_retrain_passes=0.2",
         "farm.local_num_cpus=2", "farm.object_store_memory=300000000"])
     result = run_compress_job(cfg, progress=False)
     assert result.failed == [] and sorted(r["neuron_id"] for r in result.rows) == ["190923:0", "190923:1"]
@@ -679,8 +679,10 @@ def test_the_v4_190923_config_compresses_real_neurons(tiny_base, local_ray, tmp_
         want = r2_raw(averaged[int(nid.split(":")[1])], predict(model, second.images))[0]
         assert m["r2_raw"] == pytest.approx(want, rel=1e-4, abs=1e-6)
         assert m["param_count"] == model.param_count()
-        # the config's recipe: each neuron specialized from the published 10-early-filter shared model
-        assert run.data.params["recipe"] == "shared" and all(k <= 10 for k in model.spec.filters[:3])
+        # the config's recipe: each neuron specialized from the published 25-early-filter shared model,
+        # in its factorized readout form
+        assert run.data.params["recipe"] == "shared" and all(k <= 25 for k in model.spec.filters[:3])
+        assert model.spec.readout == "factorized" and model.spec.filters[3] <= 64 and model.spec.filters[4] <= 16
         assert "teacher_r2_raw" in m
 
 
