@@ -4,10 +4,12 @@ A shared student's output k is ``sum_xy s_k[x, y] * T_k[x, y] + b`` with ``T_k =
 neuron's mixing of the layer-4 maps (R x R, 28 x 28 at 112 px): a whole map of targets per image,
 not one number. ``specialize`` keeps the shared early part (layers 0-2 and layer 3's depthwise kernels),
 builds narrow layers 3-4 (``filters``) and fits them, with a 1x1 mixing of their K4 maps, to T on the
-bank's images (MSE per pixel weighted by s^2, the pixels the readout reads). The result is a dense
-single-neuron CompactModel whose readout is ``s x mixing``: exactly what the shared model computes
-when the fit is exact, at the narrow widths. Pruning and retraining on the teacher's scalar responses
-then go on as for any distilled student (``farm.compress.prune_and_retrain``).
+bank's images (MSE per pixel weighted by s^2, the pixels the readout reads). The result is a
+single-neuron CompactModel whose readout is ``s x mixing`` (``readout: dense``: as 784 x K4 weights;
+``factorized``: as the map and the mixing): exactly what the shared model computes when the fit is
+exact, at the narrow widths. ``tune_passes`` then fit layers 3-4 and the readout to the teacher's
+scalar responses on the same activations. Pruning and retraining go on as for any distilled student
+(``farm.compress.prune_and_retrain``).
 
 The layer-2 activations are computed once per image set (the early part is frozen here), so the fit
 runs on 28 x 28 maps and costs a small fraction of a distillation at 112 px. Plain PyTorch/NumPy.
@@ -123,7 +125,8 @@ def specialize(shared: CompactModel, neuron_id: str, images: np.ndarray,
                config: SpecializeConfig | None = None, target: CompactModel | None = None,
                target_map: torch.Tensor | None = None,
                targets: np.ndarray | None = None) -> tuple[CompactModel, dict]:
-    """The neuron's dense compact model with its own narrow layers 3-4 (see the module docstring).
+    """The neuron's compact model (``config.readout``: dense or factorized) with its own narrow layers
+    3-4 (see the module docstring).
     ``target``: another factorized model with this output (e.g. a shared-compact TEACHER) whose map
     and spatial readout are fitted instead of ``shared``'s own (``target_map``: its precomputed map
     on ``images``). ``targets``: the teacher's responses (N,) to ``images``, needed with
@@ -159,7 +162,7 @@ def specialize(shared: CompactModel, neuron_id: str, images: np.ndarray,
             target_map = torch.cat([target_map.float(), neuron_map(target, index, mirrored)])
         images = np.concatenate([images, mirrored])
     # channels-last: PyTorch's CPU depthwise/pointwise convolutions (and their backward) run about twice
-    # as fast on it at these sizes (benchmarks/README.md "Specialization speed")
+    # as fast on it at these sizes (benchmarks/README.md "A wider start kept in factorized form")
     a2 = _early(shared, images).contiguous(memory_format=torch.channels_last)
     if target_map is None:  # the shared model's own map: from the early activations just computed
         target_map = (_late_map(shared, index, a2) if target is shared else neuron_map(target, index, images))
@@ -174,28 +177,17 @@ def specialize(shared: CompactModel, neuron_id: str, images: np.ndarray,
     with torch.random.fork_rng(devices=[]):  # the mixing's init is seeded too: same config, same model
         torch.manual_seed(int(config.seed))
         mix = torch.nn.Conv2d(k4, 1, 1)
-    late = [model.layer3_point, model.layer3_bn, model.layer4_depth, model.layer4_point, model.layer4_bn]
     model = model.to(memory_format=torch.channels_last)
     mix = mix.to(memory_format=torch.channels_last)
-    params = [p for m in late for p in m.parameters()] + list(mix.parameters())
-    opt = torch.optim.Adam(params, lr=config.lr, eps=1e-7)
     n = len(images)
-    steps = math.ceil(config.passes * n / config.batch_size)
-    gen = torch.Generator().manual_seed(int(config.seed))
     model.train()
-    order, pos = torch.randperm(n, generator=gen), 0
-    for step in range(steps):
-        if pos + config.batch_size > n:
-            order, pos = torch.randperm(n, generator=gen), 0
-        idx = order[pos:pos + config.batch_size]
-        pos += config.batch_size
+
+    def map_loss(idx):
         out = mix(model.layer_act(4, model.layer_act(3, a2[idx])))[:, 0]
-        loss = (((out - z[idx]) ** 2) * weight).sum(dim=(1, 2)).mean()
-        for g in opt.param_groups:
-            g["lr"] = config.lr * 0.5 * (1 + math.cos(math.pi * step / steps))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        return (((out - z[idx]) ** 2) * weight).sum(dim=(1, 2)).mean()
+
+    _fit_cosine(_late_params(model) + list(mix.parameters()), map_loss, n, config.passes, config.batch_size,
+                config.lr, config.seed)
     model.eval()
     with torch.no_grad():
         # BN statistics of the new layers as plain averages over the images (train-mode batches)
@@ -237,30 +229,42 @@ def _tune(model: CompactModel, a2: torch.Tensor, targets: np.ndarray, config: Sp
     training images at the end."""
     mu, sd = float(targets.mean()), float(targets.std()) or 1.0
     z = torch.as_tensor((targets - mu) / sd, dtype=torch.float32)
-    late = [model.layer3_point, model.layer3_bn, model.layer4_depth, model.layer4_point, model.layer4_bn]
-    readout = [model.readout] if model.spec.readout == "dense" else []
-    params = [p for m in late + readout for p in m.parameters()]
-    if model.spec.readout != "dense":
-        params += [*model.mixing.parameters(), model.spatial, model.spatial_bias]
-    opt = torch.optim.Adam(params, lr=config.tune_lr, eps=1e-7)
-    n, bs = len(a2), config.tune_batch_size
-    steps = max(1, math.ceil(config.tune_passes * n / bs))
-    gen = torch.Generator().manual_seed(int(config.seed) + 1)
+    readout = ([*model.readout.parameters()] if model.spec.readout == "dense"
+               else [*model.mixing.parameters(), model.spatial, model.spatial_bias])
     model.eval()
-    order, pos = torch.randperm(n, generator=gen), 0
-    for step in range(steps):
-        if pos + bs > n:
-            order, pos = torch.randperm(n, generator=gen), 0
-        idx = order[pos:pos + bs]
-        pos += bs
+
+    def loss(idx):
         out = model.head(model.layer_act(4, model.layer_act(3, a2[idx])))[:, 0]
-        loss = (((out - mu) / sd - z[idx]) ** 2).mean()
-        for g in opt.param_groups:
-            g["lr"] = config.tune_lr * 0.5 * (1 + math.cos(math.pi * step / steps))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        return (((out - mu) / sd - z[idx]) ** 2).mean()
+
+    _fit_cosine(_late_params(model) + readout, loss, len(a2), config.tune_passes, config.tune_batch_size,
+                config.tune_lr, config.seed + 1)
     with torch.no_grad():
         out = torch.cat([model.head(model.layer_act(4, model.layer_act(3, a2[s:s + 256])))[:, 0]
-                         for s in range(0, n, 256)]).double().numpy()
+                         for s in range(0, len(a2), 256)]).double().numpy()
     return float(np.corrcoef(out, targets)[0, 1] ** 2)
+
+
+def _late_params(model: CompactModel) -> list[torch.nn.Parameter]:
+    """The parameters of a neuron's own layers 3-4 (layer 3's depthwise kernels stay the shared model's)."""
+    late = [model.layer3_point, model.layer3_bn, model.layer4_depth, model.layer4_point, model.layer4_bn]
+    return [p for m in late for p in m.parameters()]
+
+
+def _fit_cosine(params, loss_of, n: int, passes: float, batch_size: int, lr: float, seed: int) -> None:
+    """Adam on ``loss_of(batch indices)`` for ``passes`` over ``n`` items, shuffled per pass from
+    ``seed``, the rate annealed from ``lr`` to 0 on a cosine."""
+    opt = torch.optim.Adam(params, lr=lr, eps=1e-7)
+    steps = max(1, math.ceil(passes * n / batch_size))
+    gen = torch.Generator().manual_seed(int(seed))
+    order, pos = torch.randperm(n, generator=gen), 0
+    for step in range(steps):
+        if pos + batch_size > n:
+            order, pos = torch.randperm(n, generator=gen), 0
+        idx = order[pos:pos + batch_size]
+        pos += batch_size
+        for g in opt.param_groups:
+            g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+        opt.zero_grad(set_to_none=True)
+        loss_of(idx).backward()
+        opt.step()
