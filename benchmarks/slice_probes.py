@@ -8,6 +8,9 @@ cached stages; R² to the teacher on its held-out bank images, raw R² on 190923
     python benchmarks/slice_probes.py specialize --passes 10 --map-from teacher # fit the teacher's own map
     python benchmarks/slice_probes.py specialize --k 25 --late 64,16 --passes 15 --flip --readout factorized --tune-passes 4
     python benchmarks/slice_probes.py ceilings --neurons 190923:0-7             # slices at K = 5..50, published models
+    python benchmarks/slice_probes.py finish --neuron 190923:0 --variant "" --variant "prune.iterative=false retrain.passes=1"
+                                      # the config's specialized start (cached), then its prune + retrain
+                                      # under each variant (compress.* overrides): the farm task's own code
 """
 
 import argparse
@@ -33,7 +36,9 @@ def main(argv=None):
     from farm.specialize import SpecializeConfig, specialize
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("probe", choices=["prune", "specialize", "ceilings"])
+    p.add_argument("probe", choices=["prune", "specialize", "ceilings", "finish"])
+    p.add_argument("--variant", action="append", default=[],
+                   help="finish: space-separated compress.* overrides of the config (repeatable; '' = as configured)")
     p.add_argument("--neurons", default="190923:0-7", help="ceilings: the neurons (a selection)")
     p.add_argument("--k", type=int, default=10, help="early filters of the published shared model")
     p.add_argument("--neuron", default="190923:0")
@@ -56,6 +61,8 @@ def main(argv=None):
     inp = prepare_job(load_job_config("v4_190923")).inputs
     if a.probe == "ceilings":
         return ceilings(inp, a.neurons)
+    if a.probe == "finish":
+        return finish(inp, a.neuron, a.variant or [""], a.threads)
     col = inp.neuron_ids.index(a.neuron)
     x, y, hx, hy = inp.bank_images, inp.bank_targets[:, col], inp.heldout_images, inp.heldout_targets[:, col]
     rd = inp.real[a.neuron.split(":")[0]]
@@ -85,6 +92,52 @@ def main(argv=None):
         model, info = specialize(shared, a.neuron, x, cfg, target=target, targets=y)
         report(f"specialized (map R² {info['map_r2']:.3f})", model)
     report("retrained", distill(model, x, y, retrain, trained=True).model)
+
+
+def finish(inp, neuron: str, variants: list[str], threads: int) -> None:
+    """The farm task's own path for one neuron (configs/v4_190923.yaml): its specialized start
+    (``neuron_start``, cached under farm_runs/probes/), then ``compress_neuron`` from it under each
+    variant of the compress section; one markdown row per variant."""
+    import time
+
+    import torch
+
+    from farm.compress import CompressConfig, compress_neuron
+    from farm.config import load_job_config
+    from farm.models.compact import CompactModel, CompactSpec
+    from farm.neuron_runs import _real_data
+    from farm.specialize import neuron_start
+
+    base = load_job_config("v4_190923")
+    cfg = CompressConfig.for_seed(base.compress, base.seed)
+    col = inp.neuron_ids.index(neuron)
+    cache = Path("farm_runs/probes") / f"start_{neuron.replace(':', '_')}_{base.resolved_job_id()}.pt"
+    if cache.is_file():
+        blob = torch.load(cache, weights_only=True)
+        start = CompactModel(CompactSpec.from_dict(blob["spec"]))
+        start.load_state_dict(blob["state_dict"])
+        start_cpu = blob["cpu_s"]
+    else:
+        cpu0 = time.process_time()
+        start = neuron_start(inp.shared_start, neuron, inp.bank_images, cfg.specialize,
+                             targets=inp.bank_targets[:, col])
+        start_cpu = time.process_time() - cpu0
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"spec": start.spec.to_dict(), "state_dict": start.state_dict(), "cpu_s": start_cpu}, cache)
+    print(f"start: {start_cpu:.0f} CPU-s, params {start.spec.param_count():,}\n"
+          "| variant | R² to teacher distilled / pruned / final | raw R² | params | filters | CPU-s (prune+retrain) |\n"
+          "|---|---|---|---|---|---|", flush=True)
+    for v in variants:
+        vcfg = load_job_config("v4_190923", [f"compress.{o}" for o in v.split()])
+        vc = CompressConfig.for_seed(vcfg.compress, vcfg.seed)
+        cpu0 = time.process_time()
+        r = compress_neuron(neuron, inp.bank_images, inp.bank_targets[:, col], inp.heldout_images,
+                            inp.heldout_targets[:, col], vc, real=_real_data(inp, neuron), threads=threads,
+                            distilled=start)
+        cpu = time.process_time() - cpu0
+        pr = "-" if r.r2_teacher_pruned is None else f"{r.r2_teacher_pruned:.3f}"
+        print(f"| {v or 'as configured'} | {r.r2_teacher_distilled:.3f} / {pr} / {r.r2_teacher_heldout:.3f} | "
+              f"{r.r2_raw:.3f} | {r.param_count:,} | {'-'.join(map(str, r.filters))} | {cpu:.0f} |", flush=True)
 
 
 def ceilings(inp, selection: str) -> None:

@@ -33,7 +33,8 @@ from farm.task_env import task_threads
 # -- Ray set-up -------------------------------------------------------------------------------------
 def init_ray(address: str | None = None, num_cpus: int | None = None,
              object_store_memory: int | None = None, env_vars: dict | None = None) -> None:
-    """Connect to a cluster (``address`` or RAY_ADDRESS, e.g. inside a Ray Job) or start local Ray."""
+    """Connect to a cluster (``address`` or RAY_ADDRESS, e.g. inside a Ray Job) or start local Ray
+    (with token auth: ``local_auth_env``)."""
     import ray
 
     if ray.is_initialized():
@@ -50,11 +51,36 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
         # num_cpus/object_store_memory must not be given when joining a cluster (ecosystem §7.13).
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
+        local_auth_env()
         # address="local": always a fresh local instance, never a cluster that an earlier
         # `ray start` left recorded in /tmp/ray (num_cpus would then be refused).
         ray.init(address="local", num_cpus=num_cpus, object_store_memory=object_store_memory,
                  include_dashboard=False,
                  runtime_env=runtime_env, log_to_driver=True)
+
+
+def local_auth_env() -> None:
+    """Token auth for the embedded local Ray. Its GCS, raylet and worker ports listen on every
+    interface (Ray 2.60 cannot bind them to loopback, ecosystem.md §5f), so without auth anyone who
+    can reach this machine could run code in farm's workers. A random token, made once per process
+    and kept only in this process's environment (the Ray processes it starts inherit it; nothing is
+    written to ~/.ray), turns ``RAY_AUTH_MODE=token`` on whatever RAY_AUTH_MODE says for clusters.
+    A token of the user's own (``RAY_AUTH_MODE=token`` with RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH)
+    is kept."""
+    import secrets
+
+    if os.environ.get("RAY_AUTH_MODE") == "token" and (
+            os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
+        return  # the user's own token (already read by Ray at import)
+    os.environ["RAY_AUTH_MODE"] = "token"
+    if not os.environ.get("RAY_AUTH_TOKEN"):
+        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+    # Ray reads RAY_AUTH_MODE and the token once, at import: refresh both caches, as Ray's own
+    # authentication_token_setup._enable_token_auth does, so this driver speaks token mode too.
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
 
 
 def init_job_ray(cfg, tracker: Tracker) -> None:
