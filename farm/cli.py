@@ -106,10 +106,13 @@ def cmd_demo(args) -> int:
 
 
 def cmd_ui(args) -> int:
-    from farm.config import store_uri
-    from farm.tracking import ui_command
+    from farm.config import load_job_config
+    from farm.tracking import ui_command, ui_url
 
-    print(ui_command(args.uri or store_uri(args.config, args.overrides), args.port))
+    cfg = load_job_config(args.config, args.overrides)  # no --config: the default job
+    uri = args.uri or cfg.tracking_uri()
+    print(ui_command(uri, args.port))
+    print(f"then open {ui_url(uri, cfg.tracking.experiment, args.port)}")
     return 0
 
 

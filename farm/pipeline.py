@@ -26,7 +26,7 @@ from farm.fanout import JobResult, init_job_ray, run_neurons
 from farm.neuron_runs import NeuronInputs
 from farm.selection import neuron_sort_key, parse_neuron_selection
 from farm.teacher_sources import PUBLISHED_KINDS, published_teacher
-from farm.tracking import Tracker, ui_command
+from farm.tracking import Tracker, ui_command, ui_url
 
 log = logging.getLogger(__name__)
 
@@ -452,7 +452,7 @@ def run_demo(out_dir: str = "farm_runs/demo", overrides: list[str] | None = None
                                               *(overrides or [])]) \
         if (out_dir != "farm_runs/demo" or overrides) else ""
     print(f"\ndemo finished in {time.time() - t0:.0f} s. Browse the runs in the MLflow UI:\n  "
-          f"{ui_command(tracker.uri)}\nthen open http://127.0.0.1:5000\n"
+          f"{ui_command(tracker.uri)}\nthen open {ui_url(tracker.uri, cfg.tracking.experiment)}\n"
           f"Look inside every compact model (maximizing images, saliency, dot tuning, ...; ~2 min):\n  "
           f"farm analyze --config demo {extra}".rstrip())
     return result

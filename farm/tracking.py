@@ -50,6 +50,25 @@ def ui_command(uri: str, port: int = 5000) -> str:
             f"--workers 1 --backend-store-uri {uri}{art}")
 
 
+def ui_url(uri: str, experiment: str | None = None, port: int = 5000) -> str:
+    """The page to open in the UI that ``ui_command`` serves: ``experiment``'s runs, when the store
+    already holds it, else the experiment list. ``workflowType=machine_learning`` puts MLflow 3.17's
+    UI in its "Model training" mode (runs, models), which it then keeps (localStorage
+    ``mlflow.workflowType``): in its default GenAI mode an experiment opens on a traces overview,
+    whatever the experiment's ``mlflow.experimentKind`` tag says (checked in headless Chromium,
+    tests/test_mlflow_server.py). A sqlite store that does not exist yet is not created here."""
+    base = uri.rstrip("/") if uri.startswith("http") else f"http://127.0.0.1:{port}"
+    exp_id = None
+    if experiment and not (uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file()):
+        try:
+            found = _client(uri).get_experiment_by_name(experiment)
+            exp_id = found.experiment_id if found is not None else None
+        except Exception:  # an unreadable store: the experiment list is still the right page
+            exp_id = None
+    page = f"experiments/{exp_id}/runs" if exp_id is not None else "experiments"
+    return f"{base}/#/{page}?workflowType=machine_learning"
+
+
 def _client(uri: str):
     from mlflow import MlflowClient
 

@@ -69,7 +69,11 @@ def test_farm_ui_prints_the_store_the_jobs_write_by_default(tmp_path, monkeypatc
     monkeypatch.chdir(tmp_path)
     assert main(["ui"]) == 0
     want = f"sqlite:///{tmp_path.resolve()}/farm_runs/mlflow.db"
-    assert f"--backend-store-uri {want} " in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"--backend-store-uri {want} " in out
+    # no store yet: the experiment list, in the UI's Model training mode (not created by `farm ui`)
+    assert out.strip().endswith("then open http://127.0.0.1:5000/#/experiments?workflowType=machine_learning")
+    assert not (tmp_path / "farm_runs").exists()
     assert JobConfig().tracking_uri() == want == load_job_config("demo").tracking_uri()
     assert main(["ui", "--config", "demo", f"out_dir={tmp_path}/elsewhere/job"]) == 0
     assert f"--backend-store-uri sqlite:///{tmp_path.resolve()}/elsewhere/mlflow.db " in capsys.readouterr().out

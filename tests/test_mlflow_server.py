@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -126,3 +127,46 @@ def test_job_tracked_through_mlflow_server_is_listed_by_its_rest_api(mlflow_serv
     parent = http_json(f"{url}/api/2.0/mlflow/runs/get?run_id={res.parent_run_id}")["run"]
     assert parent["info"]["status"] == "FINISHED"
     assert parent["info"]["artifact_uri"].startswith("mlflow-artifacts:")
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--window-size=1600,1000", "--virtual-time-budget=20000"]
+
+
+def rendered(url: str, profile: Path, screenshot: Path | None = None) -> str:
+    """The page's DOM after its scripts ran, in a real headless Chromium (fresh profile)."""
+    base = [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}"]
+    if screenshot is not None:
+        subprocess.run([*base, f"--screenshot={screenshot}", url], capture_output=True, timeout=120, check=True)
+    return subprocess.run([*base, "--dump-dom", url], capture_output=True, text=True, timeout=120,
+                          check=True).stdout
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium)")
+def test_the_url_farm_ui_prints_opens_the_experiment_on_its_runs(mlflow_server, local_ray, tmp_path, capsys):
+    """Issue #13 item 7, in a real browser: MLflow 3.17's UI opens an experiment on a GenAI traces
+    overview unless it is in "Model training" mode; the URL that `farm ui` prints opens the job's
+    experiment on its runs, with the job's run listed."""
+    from farm.cli import main
+    from farm.config import load_job_config
+    from farm.pipeline import run_compress_job
+
+    url, _ = mlflow_server
+    cfg_path = tiny_config(tmp_path, url)
+    res = run_compress_job(load_job_config(cfg_path), progress=False)
+    assert res.failed == []
+    capsys.readouterr()
+    assert main(["ui", "--config", str(cfg_path)]) == 0
+    page = capsys.readouterr().out.strip().splitlines()[-1].removeprefix("then open ")
+    exp = http_json(f"{url}/api/2.0/mlflow/experiments/get-by-name?experiment_name=tiny-http")["experiment"]
+    assert page == f"{url}/#/experiments/{exp['experiment_id']}/runs?workflowType=machine_learning"
+
+    dom = rendered(page, tmp_path / "profile", screenshot=tmp_path / "runs.png")
+    job_run = http_json(f"{url}/api/2.0/mlflow/runs/get?run_id={res.parent_run_id}")["run"]["info"]["run_name"]
+    assert ">Runs<" in dom and job_run in dom and ">Overview<" not in dom
+    assert (tmp_path / "runs.png").stat().st_size > 10_000
+    # the control: the experiment's plain address opens the GenAI overview (what a user saw before)
+    plain = rendered(f"{url}/#/experiments/{exp['experiment_id']}", tmp_path / "profile2")
+    assert ">Overview<" in plain and ">Runs<" not in plain
