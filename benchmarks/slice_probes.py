@@ -37,6 +37,8 @@ def main(argv=None):
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("probe", choices=["prune", "specialize", "ceilings", "finish"])
+    p.add_argument("--start-variant", default="",
+                   help="finish: space-separated compress.* overrides for the start (e.g. specialize.tune_passes=8)")
     p.add_argument("--variant", action="append", default=[],
                    help="finish: space-separated compress.* overrides of the config (repeatable; '' = as configured)")
     p.add_argument("--neurons", default="190923:0-7", help="ceilings: the neurons (a selection)")
@@ -62,7 +64,7 @@ def main(argv=None):
     if a.probe == "ceilings":
         return ceilings(inp, a.neurons)
     if a.probe == "finish":
-        return finish(inp, a.neuron, a.variant or [""], a.threads)
+        return finish(inp, a.neuron, a.variant or [""], a.threads, a.start_variant)
     col = inp.neuron_ids.index(a.neuron)
     x, y, hx, hy = inp.bank_images, inp.bank_targets[:, col], inp.heldout_images, inp.heldout_targets[:, col]
     rd = inp.real[a.neuron.split(":")[0]]
@@ -94,21 +96,24 @@ def main(argv=None):
     report("retrained", distill(model, x, y, retrain, trained=True).model)
 
 
-def finish(inp, neuron: str, variants: list[str], threads: int) -> None:
+def finish(inp, neuron: str, variants: list[str], threads: int, start_variant: str = "") -> None:
     """The farm task's own path for one neuron (configs/v4_190923.yaml): its specialized start
-    (``neuron_start``, cached under farm_runs/probes/), then ``compress_neuron`` from it under each
-    variant of the compress section; one markdown row per variant."""
+    (``neuron_start``, with the compress.* overrides ``start_variant``; cached under
+    farm_runs/probes/ by the job id they give), then ``compress_neuron`` from it under each variant of
+    the compress section (with ``start_variant`` too); one markdown row per variant."""
     import time
 
     import torch
 
     from farm.compress import CompressConfig, compress_neuron
     from farm.config import load_job_config
+    from farm.distill import predict, squared_pearson
     from farm.models.compact import CompactModel, CompactSpec
     from farm.neuron_runs import _real_data
     from farm.specialize import neuron_start
 
-    base = load_job_config("v4_190923")
+    start_sets = [f"compress.{o}" for o in start_variant.split()]
+    base = load_job_config("v4_190923", start_sets)
     cfg = CompressConfig.for_seed(base.compress, base.seed)
     col = inp.neuron_ids.index(neuron)
     cache = Path("farm_runs/probes") / f"start_{neuron.replace(':', '_')}_{base.resolved_job_id()}.pt"
@@ -124,11 +129,12 @@ def finish(inp, neuron: str, variants: list[str], threads: int) -> None:
         start_cpu = time.process_time() - cpu0
         cache.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"spec": start.spec.to_dict(), "state_dict": start.state_dict(), "cpu_s": start_cpu}, cache)
-    print(f"start: {start_cpu:.0f} CPU-s, params {start.spec.param_count():,}\n"
+    print(f"start ({start_variant or 'as configured'}): {start_cpu:.0f} CPU-s, params {start.spec.param_count():,}, "
+          f"R² to the teacher {squared_pearson(inp.heldout_targets[:, col], predict(start, inp.heldout_images)):.3f}\n"
           "| variant | R² to teacher distilled / pruned / final | raw R² | params | filters | CPU-s (prune+retrain) |\n"
           "|---|---|---|---|---|---|", flush=True)
     for v in variants:
-        vcfg = load_job_config("v4_190923", [f"compress.{o}" for o in v.split()])
+        vcfg = load_job_config("v4_190923", start_sets + [f"compress.{o}" for o in v.split()])
         vc = CompressConfig.for_seed(vcfg.compress, vcfg.seed)
         cpu0 = time.process_time()
         r = compress_neuron(neuron, inp.bank_images, inp.bank_targets[:, col], inp.heldout_images,
