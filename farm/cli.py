@@ -109,7 +109,8 @@ def cmd_ui(args) -> int:
     from farm.config import load_job_config
     from farm.tracking import ui_command, ui_url
 
-    cfg = load_job_config(args.config, args.overrides)  # no --config: the default job
+    # no --config: the demo's job (its store is the default one, farm_runs/mlflow.db under the cwd)
+    cfg = load_job_config(args.config or "demo", args.overrides)
     uri = args.uri or cfg.tracking_uri()
     print(ui_command(uri, args.port))
     print(f"then open {ui_url(uri, cfg.tracking.experiment, args.port)}")

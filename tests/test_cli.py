@@ -63,6 +63,8 @@ def test_analyze_writes_figures_data_and_metrics(tmp_path):
 def test_farm_ui_prints_the_store_the_jobs_write_by_default(tmp_path, monkeypatch, capsys):
     """One store default for every command: from a directory, `farm ui` opens
     farm_runs/mlflow.db there (where `make demo` writes); `farm ui --config` that job's store."""
+    import mlflow
+
     from farm.cli import main
     from farm.config import JobConfig, load_job_config
 
@@ -74,6 +76,14 @@ def test_farm_ui_prints_the_store_the_jobs_write_by_default(tmp_path, monkeypatc
     # no store yet: the experiment list, in the UI's Model training mode (not created by `farm ui`)
     assert out.strip().endswith("then open http://127.0.0.1:5000/#/experiments?workflowType=machine_learning")
     assert not (tmp_path / "farm_runs").exists()
+    # once the demo's experiment is in that store, the page is its runs
+    from farm.tracking import Tracker
+
+    Tracker.open(want, load_job_config("demo").tracking.experiment)
+    exp_id = mlflow.MlflowClient(tracking_uri=want).get_experiment_by_name("farm-demo").experiment_id
+    assert main(["ui"]) == 0
+    assert capsys.readouterr().out.strip().endswith(
+        f"then open http://127.0.0.1:5000/#/experiments/{exp_id}/runs?workflowType=machine_learning")
     assert JobConfig().tracking_uri() == want == load_job_config("demo").tracking_uri()
     assert main(["ui", "--config", "demo", f"out_dir={tmp_path}/elsewhere/job"]) == 0
     assert f"--backend-store-uri sqlite:///{tmp_path.resolve()}/elsewhere/mlflow.db " in capsys.readouterr().out
