@@ -183,14 +183,23 @@ def from_dict(cls, d: dict | None, where: str | None = None):
 
 
 def _over_default(cls, name: str, value):
-    """A partial mapping for a field whose default is a dataclass instance: over that instance's
-    values (a parent may set its own defaults for a section, e.g. AnalysisConfig.synth)."""
+    """A partial mapping for a field whose default is a dataclass instance: over the values in which
+    that instance differs from its class's own defaults (a parent may set its own defaults for a
+    section, e.g. AnalysisConfig.synth). Only those: the class's own defaults must stay unset here,
+    or they would hide what the class's ``_config_prepare`` fills in (JobConfig.compress is a plain
+    CompressConfig(); spelling out its tau 0.9 would override the recipe's tau)."""
     if not isinstance(value, dict):
         return value
     f = cls.__dataclass_fields__[name]
     default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
     if is_dataclass(default) and not isinstance(default, type):
-        return {**to_dict(default), **value}
+        parent = to_dict(default)
+        try:
+            own = to_dict(type(default)())
+        except TypeError:  # no defaults of its own: the parent's instance is all there is
+            own = {}
+        unset = object()
+        return {**{k: v for k, v in parent.items() if own.get(k, unset) != v}, **value}
     return value
 
 

@@ -82,6 +82,24 @@ def test_overrides_are_parsed_against_the_fields_type():
         load_job_config("demo", ["compress.distill.lr=[1"])
 
 
+def test_a_recipe_fills_every_section_the_yaml_leaves_out(tmp_path):
+    """A job's compress section is its recipe's preset under the YAML's keys: the keys the YAML
+    leaves out are the recipe's, never CompressConfig()'s defaults (a regression made the demo's
+    `fast` recipe prune at the default tau 0.9 in one round instead of 0.85 iteratively)."""
+    from farm.recipes import RECIPES
+
+    fast = RECIPES["fast"]
+    demo = load_job_config("demo").compress  # its YAML sets distill and retrain, not prune
+    assert demo.prune.tau == fast["prune"]["tau"] == 0.85 and demo.prune.iterative is True
+    assert demo.iterative_retrain_passes == fast["iterative_retrain_passes"]
+    assert demo.retrain.lr == fast["retrain"]["lr"] and demo.retrain.passes == 1  # the YAML's key wins
+    path = tmp_path / "job.yaml"
+    path.write_text("compress: {recipe: paper, prune: {criterion: ablation}}\n")
+    paper = load_job_config(path).compress
+    assert paper.prune.tau == RECIPES["paper"]["prune"]["tau"] and paper.prune.criterion == "ablation"
+    assert paper.distill.lr_schedule == "constant" and paper.retrain.standardize_targets is False
+
+
 def test_sections_are_the_components_dataclasses_and_the_job_id_ignores_spelt_out_defaults(tmp_path):
     from farm.analysis import AnalysisConfig
     from farm.compress import CompressConfig
