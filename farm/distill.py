@@ -22,11 +22,11 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from farm.dataclass_dict import from_dict, to_dict
 from farm.models.input import check_images as _check_images, predict, recenter, tensor_view  # noqa: F401 (predict: farm.distill.predict)
 from farm.models.compact import CompactModel, rescale_outputs_
+from farm.models.packed import PackedCompact
 
 log = logging.getLogger(__name__)
 
@@ -485,102 +485,16 @@ def _fit(net: torch.nn.Module, smooth: Callable[[], object], images: np.ndarray,
 # ---------------------------------------------------------------------------------------------------
 
 
-class PackedStudents(torch.nn.Module):
-    """n dense-readout CompactModels of one spec as ONE network (design.md: "one task may train
-    several neurons at once"), for filling a GPU or cutting per-call overhead on a CPU.
-
-    All students see the same batch. Layer 0 is one conv 3 -> n*K0; the depthwise convs are one
-    grouped conv over n*K channels; the pointwise convs are one grouped 1x1 conv (groups = n); BN
-    runs over n*K channels (per channel, as n separate BNs); the readout is one (R*R*K4) map per
-    neuron. ``forward(x)`` -> (B, n). Every output depends only on its own student's slice of the
-    parameters, so with the summed per-neuron MSE (``distill_many``) each slice gets exactly its
-    student's gradient, and Adam, smoothing and BN statistics act per element: training the pack is
-    training the n students one by one with the same batch order, up to float rounding.
-    """
-
-    def __init__(self, students: list[CompactModel]):
-        super().__init__()
-        if not students:
-            raise ValueError("PackedStudents needs at least one student")
-        spec = students[0].spec
-        for m in students:
-            if m.spec.filters != spec.filters or m.spec.image_size != spec.image_size:
-                raise ValueError(f"PackedStudents: every student must have the same widths and image size, "
-                                 f"got {m.spec.filters} @ {m.spec.image_size} px and {spec.filters} @ "
-                                 f"{spec.image_size} px")
-            if m.spec.readout != "dense" or not m.spec.activation:
-                raise ValueError("PackedStudents: students must have the dense readout and ReLUs")
-        self.specs = [m.spec for m in students]
-        self.n = n = len(students)
-        k, ks = spec.filters, spec.kernel_size
-        self.strides, self.ks = spec.strides, ks
-        cat = lambda get: torch.cat([get(m).detach() for m in students])  # noqa: E731
-        self.w0 = torch.nn.Parameter(cat(lambda m: m.layer0_conv.weight).clone())
-        self.b0 = torch.nn.Parameter(cat(lambda m: m.layer0_conv.bias).clone())
-        self.depth = torch.nn.ParameterList(
-            [torch.nn.Parameter(cat(lambda m, l=l: m.depthwise(l).weight).clone()) for l in range(1, 5)])
-        self.point = torch.nn.ParameterList(
-            [torch.nn.Parameter(cat(lambda m, l=l: m.pointwise(l).weight).clone()) for l in range(1, 5)])
-        self.point_bias = torch.nn.ParameterList(
-            [torch.nn.Parameter(cat(lambda m, l=l: m.pointwise(l).bias).clone()) for l in range(1, 5)])
-        self.bns = torch.nn.ModuleList()
-        for l in range(5):
-            bn = torch.nn.BatchNorm2d(n * k[l], eps=spec.bn_eps, momentum=spec.bn_momentum)
-            with torch.no_grad():
-                for name in ("weight", "bias", "running_mean", "running_var"):
-                    getattr(bn, name).copy_(cat(lambda m, l=l, name=name: getattr(m.bn(l), name)))
-            self.bns.append(bn)
-        self.readout = torch.nn.Parameter(torch.stack([m.readout.weight.detach()[0] for m in students]).clone())
-        self.readout_bias = torch.nn.Parameter(torch.cat([m.readout.bias.detach() for m in students]).clone())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from farm.models.compact import same_pad
-
-        x = F.conv2d(same_pad(x, self.ks, self.strides[0]), self.w0, self.b0)
-        x = F.relu(self.bns[0](x))
-        for l in range(1, 5):
-            s = self.strides[l]
-            d = F.conv2d(same_pad(x, self.ks, s), self.depth[l - 1], None, s, 0, 1, x.shape[1])
-            x = F.conv2d(d, self.point[l - 1], self.point_bias[l - 1], groups=self.n)
-            x = F.relu(self.bns[l](x))
-        b, _, r, _ = x.shape
-        a = x.view(b, self.n, -1, r, r).permute(0, 1, 3, 4, 2).flatten(2)  # (B, n, R*R*K4), NHWC per neuron
-        return torch.einsum("bnf,nf->bn", a, self.readout) + self.readout_bias
-
-    @torch.no_grad()
-    def smooth_(self, sigma: float = 0.5) -> "PackedStudents":
-        """``smooth_kernels_`` of every student: depthwise kernels of layers 1-4 and readout maps."""
-        if sigma <= 0:
-            return self
-        for w in self.depth:
+def _smooth_pack_(pack: PackedCompact, sigma: float = 0.5) -> PackedCompact:
+    """``smooth_kernels_`` of every model of a pack: depthwise kernels of layers 1-4 and readout maps."""
+    if sigma <= 0:
+        return pack
+    with torch.no_grad():
+        for w in pack.depth:
             _smooth_last_two_(w, sigma)
-        r, k4 = self.specs[0].readout_size, self.specs[0].filters[4]
-        _smooth_last_two_(self.readout.view(self.n, r, r, k4).permute(0, 3, 1, 2), sigma)
-        return self
-
-    @torch.no_grad()
-    def unpack(self) -> list[CompactModel]:
-        """The n students as CompactModels (on the pack's device, eval mode)."""
-        k = self.specs[0].filters
-        dev = self.w0.device
-        out = []
-        for j, spec in enumerate(self.specs):
-            m = CompactModel(spec).to(dev)
-            sl = lambda l, j=j: slice(j * k[l], (j + 1) * k[l])  # noqa: E731
-            m.layer0_conv.weight.copy_(self.w0[sl(0)])
-            m.layer0_conv.bias.copy_(self.b0[sl(0)])
-            for l in range(1, 5):
-                m.depthwise(l).weight.copy_(self.depth[l - 1][sl(l - 1)])
-                m.pointwise(l).weight.copy_(self.point[l - 1][sl(l)])
-                m.pointwise(l).bias.copy_(self.point_bias[l - 1][sl(l)])
-            for l in range(5):
-                for name in ("weight", "bias", "running_mean", "running_var"):
-                    getattr(m.bn(l), name).copy_(getattr(self.bns[l], name)[sl(l)])
-                m.bn(l).num_batches_tracked.copy_(self.bns[l].num_batches_tracked)
-            m.readout.weight.copy_(self.readout[j][None])
-            m.readout.bias.copy_(self.readout_bias[j:j + 1])
-            out.append(m.eval())
-        return out
+        r, k4 = pack.specs[0].readout_size, pack.specs[0].filters[4]
+        _smooth_last_two_(pack.readout.view(pack.n, r, r, k4).permute(0, 3, 1, 2), sigma)
+    return pack
 
 
 @dataclass
@@ -600,7 +514,7 @@ def distill_many(students: list[CompactModel], images: np.ndarray, targets: np.n
                  threads: int | None = None, callback: Callable[[int, dict], None] | None = None,
                  eval_images: np.ndarray | None = None, eval_targets: np.ndarray | None = None,
                  teacher=None, neuron_ids: list[str] | None = None) -> DistillManyResult:
-    """``distill`` for several neurons at once, packed into one network (``PackedStudents``).
+    """``distill`` for several neurons at once, packed into one network (``farm.models.packed``).
 
     students: n CompactModels of one spec (not modified; the trained ones are returned).
     targets: float (N, n), column j = student j's neuron; eval_targets (M, n). With
@@ -610,7 +524,13 @@ def distill_many(students: list[CompactModel], images: np.ndarray, targets: np.n
     config = config or DistillConfig()
     if threads is not None:
         torch.set_num_threads(int(threads))
-    pack = PackedStudents(list(students))
+    students = list(students)
+    first = students[0].spec if students else None
+    for m in students:
+        if (m.spec.filters, m.spec.image_size) != (first.filters, first.image_size):
+            raise ValueError(f"distill_many: every student must have the same widths and image size, got "
+                             f"{m.spec.filters} @ {m.spec.image_size} px and {first.filters} @ {first.image_size} px")
+    pack = PackedCompact(students)
     images = _check_images(images, "distill_many: images")
     size = pack.specs[0].image_size
     if images.shape[1:3] != (size, size):
@@ -633,7 +553,7 @@ def distill_many(students: list[CompactModel], images: np.ndarray, targets: np.n
     scale = None
     if config.standardize_targets and targets is not None:
         targets, eval_targets, scale = _standardized(targets, eval_targets)
-    history, steps, seconds = _fit(pack, lambda: pack.smooth_(config.smooth_sigma), images, targets, config,
+    history, steps, seconds = _fit(pack, lambda: _smooth_pack_(pack, config.smooth_sigma), images, targets, config,
                                    device, callback, eval_images, eval_targets, teacher, columns)
     models = pack.unpack()
     if scale is not None:

@@ -320,9 +320,10 @@ def test_distill_rejects_bad_input(bank_images):
 
 
 def test_distill_many_trains_a_pack_like_students_one_by_one(bank_images):
-    """Several neurons at once (PackedStudents): the same losses and, up to float rounding (a
+    """Several neurons at once (one PackedCompact): the same losses and, up to float rounding (a
     near-zero gradient whose sign flips moves a weight by ~2 lr under Adam), the same weights."""
-    from farm.distill import PackedStudents, distill_many
+    from farm.distill import distill_many
+    from farm.models.packed import PackedCompact
 
     images = bank_images[:400]
     rng = np.random.default_rng(0)
@@ -331,7 +332,7 @@ def test_distill_many_trains_a_pack_like_students_one_by_one(bank_images):
     def students():
         return [build_compact(CompactSpec(filters=(5,) * 5, image_size=SIZE), seed=s) for s in range(3)]
 
-    unpacked = PackedStudents(students()).unpack()  # pack -> unpack is the identity
+    unpacked = PackedCompact(students()).unpack()  # pack -> unpack is the identity
     for a, b in zip(unpacked, students()):
         for k, v in b.state_dict().items():
             assert torch.equal(a.state_dict()[k], v), k
@@ -348,6 +349,7 @@ def test_distill_many_trains_a_pack_like_students_one_by_one(bank_images):
             np.testing.assert_allclose(packed.state_dict()[k].numpy(), v.numpy(), atol=10 * lr, rtol=1e-3)
     assert len(many.history[-1]["eval_r2"]) == 3
     with pytest.raises(ValueError, match="same widths"):
-        PackedStudents([tiny_student(), build_compact(CompactSpec(filters=(4,) * 5, image_size=SIZE))])
+        distill_many([tiny_student(), build_compact(CompactSpec(filters=(4,) * 5, image_size=SIZE))], images,
+                     targets[:, :2], cfg)
     with pytest.raises(ValueError, match="neurons"):
         distill_many(students(), images, targets[:, :2], cfg)

@@ -46,8 +46,8 @@ from farm.dataclass_dict import from_dict, to_dict
 from farm.data.images import gaudy, gaussian_filter, natural_like
 from farm.models.input import recenter
 from farm.data.sessions import Session
-from farm.models.compact import (CompactModel, CompactSpec, build_compact, glorot_limit, load_compact, same_pad_amounts,
-                                 save_compact)
+from farm.models.compact import CompactModel, CompactSpec, build_compact, glorot_limit, load_compact, save_compact
+from farm.models.packed import PackedCompact
 
 POPULATION_FILE = "population.json"
 POPULATION_FORMAT = "farm-simulated-population"
@@ -165,99 +165,6 @@ class RateParams:
     scale: float
 
 
-def _same_conv_geometry(size: int, stride: int, kernel: int = 5) -> tuple[int, int]:
-    """Keras 'same' as a plain conv: (padding, leading zero taps). Keras pads ``top`` before and
-    ``bottom`` >= top after; a conv padding ``bottom`` on both sides whose kernel starts with
-    bottom - top zero taps reads the same pixels, and avoids copying the input into a padded one."""
-    top, bottom = same_pad_amounts(size, kernel, stride)
-    return bottom, bottom - top
-
-
-class _PackedNeurons:
-    """Several dense-readout CompactModels of one image size evaluated as one network.
-
-    Layer 0 is one conv 3 -> sum(K0), the depthwise convs are one grouped conv over all channels
-    of all models, each pointwise conv is one block-diagonal 1x1 conv, and the readout is one
-    weighted sum; eval-mode BN is folded into the convs. The result equals running the models one
-    by one up to float rounding (~1e-6 relative) at a fraction of the cost: single tiny models
-    are dominated by per-call overhead and memory passes on CPU. Tensors are channels-last.
-    """
-
-    def __init__(self, models: Sequence[CompactModel]):
-        spec = models[0].spec
-        for m in models:
-            if m.spec.readout != "dense" or not m.spec.activation or m.spec.image_size != spec.image_size:
-                raise ValueError("packed neurons must be dense-readout, ReLU CompactModels of one image size")
-        self.models = list(models)
-        self.widths = [[m.spec.filters[l] for m in models] for l in range(5)]
-        self.strides = spec.strides
-        sizes = [spec.image_size]
-        for st in spec.strides[1:]:
-            sizes.append(-(-sizes[-1] // st))
-        self.padding, self.depth, self.point, self.point_bias = [2], [None], [None], [None]
-        with torch.no_grad():
-            self.w0 = torch.cat([m.layer0_conv.weight for m in models])
-            self.b0 = torch.cat([m.layer0_conv.bias for m in models])
-            for l in range(1, 5):
-                pad, lead = _same_conv_geometry(sizes[l - 1], spec.strides[l])
-                depth = torch.cat([m.depthwise(l).weight for m in models])
-                self.depth.append(F.pad(depth, (lead, 0, lead, 0)))
-                self.padding.append(pad)
-                k_in, k_out = sum(self.widths[l - 1]), sum(self.widths[l])
-                block = torch.zeros(k_out, k_in, 1, 1, device=self.w0.device)
-                r0 = c0 = 0
-                for m in models:
-                    w = m.pointwise(l).weight
-                    block[r0:r0 + w.shape[0], c0:c0 + w.shape[1]] = w
-                    r0, c0 = r0 + w.shape[0], c0 + w.shape[1]
-                self.point.append(block)
-                self.point_bias.append(torch.cat([m.pointwise(l).bias for m in models]))
-            self.maps = torch.cat([m.readout_maps().permute(2, 0, 1) for m in models])[None]  # (1, sum K4, R, R)
-            self.readout_bias = torch.cat([m.readout.bias for m in models])
-            owner = torch.repeat_interleave(torch.arange(len(models), device=self.w0.device),
-                                            torch.tensor(self.widths[4], device=self.w0.device))
-            self.segments = F.one_hot(owner, len(models)).to(self.maps.dtype)  # (sum K4, n)
-        self.scale, self.shift, self.folded = [None] * 5, [None] * 5, [None] * 5
-        for l in range(5):
-            self.refresh_bn(l)
-
-    def refresh_bn(self, layer: int) -> None:
-        """Re-read layer ``layer``'s BN running statistics and affine from the models."""
-        with torch.no_grad():
-            bns = [m.bn(layer) for m in self.models]
-            scale = torch.cat([bn.weight / torch.sqrt(bn.running_var + bn.eps) for bn in bns])
-            shift = torch.cat([bn.bias for bn in bns]) - torch.cat([bn.running_mean for bn in bns]) * scale
-            self.scale[layer], self.shift[layer] = scale.view(1, -1, 1, 1), shift.view(1, -1, 1, 1)
-            w, b = (self.w0, self.b0) if layer == 0 else (self.point[layer], self.point_bias[layer])
-            self.folded[layer] = (w * scale.view(-1, 1, 1, 1), b * scale + shift)
-
-    def _depthwise(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, self.depth[layer], None, self.strides[layer], self.padding[layer], 1, x.shape[1])
-
-    def layer_pre(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        """Conv output before BN of layer ``layer`` for all models (channels concatenated);
-        x: the images (layer 0) or the previous layer's activation."""
-        if layer == 0:
-            return F.conv2d(x, self.w0, self.b0, padding=2)
-        return F.conv2d(self._depthwise(layer, x), self.point[layer], self.point_bias[layer])
-
-    def layer_act(self, layer: int, pre: torch.Tensor) -> torch.Tensor:
-        """BN + ReLU of ``layer_pre``'s output (in place)."""
-        return torch.relu_(pre.mul_(self.scale[layer]).add_(self.shift[layer]))
-
-    def head(self, a4: torch.Tensor) -> torch.Tensor:
-        """(B, sum K4, R, R) -> (B, n_models)."""
-        return (a4 * self.maps).sum(dim=(2, 3)) @ self.segments + self.readout_bias
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """Recentered images (B, 3, S, S) -> outputs (B, n_models)."""
-        x = x.contiguous(memory_format=torch.channels_last)
-        for l in range(5):
-            w, b = self.folded[l]
-            x = torch.relu_(F.conv2d(x if l == 0 else self._depthwise(l, x), w, b, padding=2 if l == 0 else 0))
-        return self.head(x)
-
-
 #: Most neurons packed into one network (the block-diagonal pointwise convs grow with its square),
 #: and the most layer-0 activations (floats) of one pack per batch.
 _PACK_NEURONS = 16
@@ -285,8 +192,8 @@ class GroundTruth:
 
     models: one CompactModel per neuron (output = standardized drive). neuron_ids: ids in column
     order. rate_params: one RateParams per neuron. device: where the models run. The models are
-    evaluated packed together (``_PackedNeurons``); each model alone gives the same drive up to
-    float rounding.
+    evaluated packed together (``farm.models.packed.PackedCompact``, BN folded); each model alone
+    gives the same drive up to float rounding.
     """
 
     def __init__(self, models: Sequence[CompactModel], neuron_ids: Sequence[str],
@@ -304,7 +211,7 @@ class GroundTruth:
         self._gain = torch.tensor([p.gain for p in rate_params], dtype=torch.float32, device=self.device)
         self._offset = torch.tensor([p.offset for p in rate_params], dtype=torch.float32, device=self.device)
         self._scale = torch.tensor([p.scale for p in rate_params], dtype=torch.float32, device=self.device)
-        self._packs = [(s, _PackedNeurons(self.models[s:s + _PACK_NEURONS]))
+        self._packs = [(s, PackedCompact(self.models[s:s + _PACK_NEURONS]).fold_())
                        for s in range(0, len(self.models), _PACK_NEURONS)]
 
     @property
@@ -340,9 +247,9 @@ class GroundTruth:
             for first, pack in self._packs:
                 per_image = sum(pack.widths[0]) * self.image_size ** 2
                 step = max(1, min(batch_size, _PACK_ELEMENTS // per_image))
-                cols = slice(first, first + len(pack.models))
+                cols = slice(first, first + pack.n)
                 for s in range(0, len(images), step):
-                    out[s:s + step, cols] = pack(recenter(images[s:s + step], self.device)).cpu().numpy()
+                    out[s:s + step, cols] = pack.infer(recenter(images[s:s + step], self.device)).cpu().numpy()
         return out
 
     def rates(self, drive: np.ndarray) -> np.ndarray:
@@ -431,16 +338,16 @@ def _calibrate(draws: Sequence[_Draw], calibration: torch.Tensor) -> list[RatePa
     with torch.no_grad():
         per_channel = calibration.shape[0] * calibration.shape[2] * calibration.shape[3]
         for group in _memory_groups(models, per_channel):
-            pack = _PackedNeurons(group)
+            pack = PackedCompact(group).fold_()
             x = calibration.contiguous(memory_format=torch.channels_last)
             for l in range(5):
                 pre = pack.layer_pre(l, x)
                 mean = pre.mean(dim=(0, 2, 3), keepdim=True)
                 # two passes, not var_mean: it is very slow on channels-last tensors
                 var = (pre - mean).square_().mean(dim=(0, 2, 3))
-                for m, mean, var in zip(group, mean.flatten().split(pack.widths[l]), var.split(pack.widths[l])):
-                    m.bn(l).running_mean.copy_(mean)
-                    m.bn(l).running_var.copy_(var)
+                pack.bns[l].running_mean.copy_(mean.flatten())
+                pack.bns[l].running_var.copy_(var)
+                pack.write_bn_to(group, l)
                 pack.refresh_bn(l)
                 x = pack.layer_act(l, pre)
                 del pre
