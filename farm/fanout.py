@@ -11,6 +11,7 @@ bank as one task per shard, and maximizing natural images over a bank as tasks o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -34,7 +35,7 @@ from farm.task_env import task_threads
 def init_ray(address: str | None = None, num_cpus: int | None = None,
              object_store_memory: int | None = None, env_vars: dict | None = None) -> None:
     """Connect to a cluster (``address`` or RAY_ADDRESS, e.g. inside a Ray Job) or start local Ray
-    (with token auth: ``local_auth_env``)."""
+    (with token auth: ``local_auth_vars``)."""
     import ray
 
     if ray.is_initialized():
@@ -51,36 +52,58 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
         # num_cpus/object_store_memory must not be given when joining a cluster (ecosystem §7.13).
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
-        local_auth_env()
         # address="local": always a fresh local instance, never a cluster that an earlier
         # `ray start` left recorded in /tmp/ray (num_cpus would then be refused).
-        ray.init(address="local", num_cpus=num_cpus, object_store_memory=object_store_memory,
-                 include_dashboard=False,
-                 runtime_env=runtime_env, log_to_driver=True)
+        with _local_auth():
+            ray.init(address="local", num_cpus=num_cpus, object_store_memory=object_store_memory,
+                     include_dashboard=False, runtime_env=runtime_env, log_to_driver=True)
 
 
-def local_auth_env() -> None:
-    """Token auth for the embedded local Ray. Its GCS, raylet and worker ports listen on every
-    interface (Ray 2.60 cannot bind them to loopback, ecosystem.md §5f), so without auth anyone who
-    can reach this machine could run code in farm's workers. A random token, made once per process
-    and kept only in this process's environment (the Ray processes it starts inherit it; nothing is
-    written to ~/.ray), turns ``RAY_AUTH_MODE=token`` on whatever RAY_AUTH_MODE says for clusters.
-    A token of the user's own (``RAY_AUTH_MODE=token`` with RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH)
-    is kept."""
+_LOCAL_TOKEN: str | None = None  # this process's token for the local Ray instances it starts
+
+
+def local_auth_vars() -> dict[str, str]:
+    """The auth settings the embedded local Ray starts with. Its GCS, raylet and worker ports listen
+    on every interface (Ray 2.60 cannot bind them to loopback, ecosystem.md §5f), so without auth
+    anyone who can reach this machine could run code in farm's workers: token auth with a random
+    token made once per process, whatever RAY_AUTH_MODE says for clusters. {} when the user brings
+    a token of their own (``RAY_AUTH_MODE=token`` with RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
+    ~/.ray/auth_token)."""
     import secrets
 
+    global _LOCAL_TOKEN
     if os.environ.get("RAY_AUTH_MODE") == "token" and (
-            os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
-        return  # the user's own token (already read by Ray at import)
-    os.environ["RAY_AUTH_MODE"] = "token"
-    if not os.environ.get("RAY_AUTH_TOKEN"):
-        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
-    # Ray reads RAY_AUTH_MODE and the token once, at import: refresh both caches, as Ray's own
-    # authentication_token_setup._enable_token_auth does, so this driver speaks token mode too.
-    from ray._raylet import AuthenticationTokenLoader, Config
+            os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
+            or (Path.home() / ".ray" / "auth_token").is_file()):
+        return {}
+    if _LOCAL_TOKEN is None:
+        _LOCAL_TOKEN = secrets.token_hex(32)
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": _LOCAL_TOKEN}
 
-    Config.initialize("")
-    AuthenticationTokenLoader.instance().reset_cache()
+
+@contextlib.contextmanager
+def _local_auth():
+    """``local_auth_vars`` in this process's environment while a local Ray starts (its processes
+    copy the environment then; nothing is written to ~/.ray), then the environment as it was, so
+    that nothing else (``farm submit``, a later cluster connection) sees the token. Ray reads its
+    auth mode and token once, at import: both caches are refreshed, as Ray's own
+    authentication_token_setup._enable_token_auth does, so this driver speaks token mode too."""
+    changes = local_auth_vars()
+    saved = {k: os.environ.get(k) for k in changes}
+    os.environ.update(changes)
+    try:
+        if changes:
+            from ray._raylet import AuthenticationTokenLoader, Config
+
+            Config.initialize("")
+            AuthenticationTokenLoader.instance().reset_cache()
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def init_job_ray(cfg, tracker: Tracker) -> None:

@@ -56,15 +56,23 @@ def ui_url(uri: str, experiment: str | None = None, port: int = 5000) -> str:
     UI in its "Model training" mode (runs, models), which it then keeps (localStorage
     ``mlflow.workflowType``): in its default GenAI mode an experiment opens on a traces overview,
     whatever the experiment's ``mlflow.experimentKind`` tag says (checked in headless Chromium,
-    tests/test_mlflow_server.py). A sqlite store that does not exist yet is not created here."""
+    tests/test_mlflow_server.py). The experiment is looked up in a sqlite file that exists or at an
+    http server (one request, 3 s at most); other stores, and a store not there yet, get the list."""
     base = uri.rstrip("/") if uri.startswith("http") else f"http://127.0.0.1:{port}"
     exp_id = None
-    if experiment and not (uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file()):
-        try:
+    try:
+        if experiment and uri.startswith("http"):  # one quick request (MLflow's client retries for minutes)
+            import urllib.parse
+            import urllib.request
+
+            q = urllib.parse.urlencode({"experiment_name": experiment})
+            with urllib.request.urlopen(f"{base}/api/2.0/mlflow/experiments/get-by-name?{q}", timeout=3) as r:
+                exp_id = json.loads(r.read())["experiment"]["experiment_id"]
+        elif experiment and uri.startswith("sqlite:///") and Path(uri[len("sqlite:///"):]).is_file():
             found = _client(uri).get_experiment_by_name(experiment)
             exp_id = found.experiment_id if found is not None else None
-        except Exception:  # an unreadable store: the experiment list is still the right page
-            exp_id = None
+    except Exception:  # unreachable, unreadable, no such experiment: the experiment list is the page
+        exp_id = None
     page = f"experiments/{exp_id}/runs" if exp_id is not None else "experiments"
     return f"{base}/#/{page}?workflowType=machine_learning"
 

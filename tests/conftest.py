@@ -49,7 +49,7 @@ RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
 @pytest.fixture(scope="module")
 def ray_tmp():
     """Ray's environment for the module: RAY_AUTH_MODE explicit (off for the clusters a test starts
-    itself; farm's embedded local Ray turns token auth on anyway, farm.fanout.local_auth_env), no
+    itself; farm's embedded local Ray turns token auth on anyway, farm.fanout.local_auth_vars), no
     telemetry, a private (short: unix sockets) temp dir, no inherited RAY_ADDRESS."""
     tmp = tempfile.mkdtemp(prefix="frt", dir="/tmp")
     with pytest.MonkeyPatch.context() as mp:

@@ -62,10 +62,14 @@ def test_training_forward_equals_each_model_and_unpack_returns_them():
     for m, back in zip(models, pack.unpack()):
         for k, v in m.state_dict().items():
             assert torch.equal(back.state_dict()[k], v), k
-    # the parameters are the pack's own: a step on the pack leaves the source models alone
+    # the parameters are the pack's own: training the pack leaves the source models alone
     before = models[0].layer0_conv.weight.clone()
     pack.train()(x).sum().backward()
-    assert pack.point[0].grad is not None and torch.equal(models[0].layer0_conv.weight, before)
+    assert pack.point[0].grad is not None and models[0].layer0_conv.weight.grad is None
+    with torch.no_grad():
+        pack.w0.add_(1.0)
+    assert torch.equal(models[0].layer0_conv.weight, before)
+    assert torch.equal(pack.unpack()[0].layer0_conv.weight, before + 1.0)
 
 
 def test_a_pack_refuses_what_it_cannot_compute():
@@ -76,6 +80,8 @@ def test_a_pack_refuses_what_it_cannot_compute():
         mixed(recenter(_images(2)))
     with pytest.raises(ValueError, match="fold_"):
         mixed.infer(recenter(_images(2)))
+    with pytest.raises(ValueError, match="fold_"):  # moving a pack drops its folded tensors
+        PackedCompact(_models([(3, 3, 3, 3, 3)])).fold_().double().infer(recenter(_images(2)).double())
     factorized = build_compact(CompactSpec(filters=(3,) * 5, image_size=SIZE, readout="factorized", n_outputs=2))
     with pytest.raises(ValueError, match="dense readout"):
         PackedCompact([factorized])

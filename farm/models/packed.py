@@ -166,12 +166,16 @@ class PackedCompact(torch.nn.Module):
     @torch.no_grad()
     def fold_(self) -> "PackedCompact":
         """Prepare ``infer`` / ``layer_pre`` / ``layer_act`` / ``head`` from the current weights and
-        BN statistics (call ``refresh_bn`` after changing a layer's statistics). Returns self."""
+        BN statistics (call ``refresh_bn`` after changing a layer's statistics, ``fold_`` again after
+        changing weights; moving the pack to another device or dtype drops the folded tensors).
+        Returns self."""
         dev = self.w0.device
         sizes = [self.specs[0].image_size]
         for st in self.strides[1:]:
             sizes.append(-(-sizes[-1] // st))
-        padding, depth, block = [2], [None], [None]
+        padding, depth, block = [same_conv_geometry(sizes[0], self.strides[0], self.ks)[0]], [None], [None]
+        if same_conv_geometry(sizes[0], self.strides[0], self.ks)[1] or self.strides[0] != 1:
+            raise ValueError("PackedCompact.fold_: layer 0 must be a stride-1 conv with symmetric 'same' padding")
         for l in range(1, 5):
             pad, lead = same_conv_geometry(sizes[l - 1], self.strides[l], self.ks)
             depth.append(F.pad(self.depth[l - 1], (lead, 0, lead, 0)))
@@ -188,6 +192,10 @@ class PackedCompact(torch.nn.Module):
         for l in range(5):
             self.refresh_bn(l)
         return self
+
+    def _apply(self, fn, *args, **kwargs):
+        self._folded = None  # .to(), .double(), ...: the folded tensors would be left behind
+        return super()._apply(fn, *args, **kwargs)
 
     @torch.no_grad()
     def refresh_bn(self, layer: int) -> None:
