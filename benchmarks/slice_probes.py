@@ -59,6 +59,9 @@ def main(argv=None):
     p.add_argument("--retrain-passes", type=float, default=2)
     p.add_argument("--retrain-lr", type=float, default=1e-4)
     a = p.parse_args(argv)
+    from farm.task_env import keep_freed_memory
+
+    keep_freed_memory()  # as farm's tasks run
     torch.set_num_threads(a.threads)
     inp = prepare_job(load_job_config("v4_190923")).inputs
     if a.probe == "ceilings":

@@ -70,13 +70,11 @@ def _safe(neuron_id: str) -> str:
 def _analyze_task(neuron_id: str, model_dir: str, top_images: np.ndarray, sample: np.ndarray, config: dict,
                   tracker: Tracker, run_id: str, out_dir: str, device: str) -> dict:
     """All per-neuron analyses of one model; logged to its run. Never raises for the model's own errors."""
-    import torch
-
     from farm.analysis import AnalysisConfig, run_all_analyses
-    from farm.task_env import resolve_device, task_threads
+    from farm.task_env import init_task, resolve_device
     from farm.models.compact import load_compact
 
-    torch.set_num_threads(task_threads())
+    init_task()
     t0 = time.time()
     try:
         model = load_compact(model_dir)

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 from farm.neuron_runs import NeuronInputs, compress_group_and_log, neuron_params
-from farm.task_env import task_threads
+from farm.task_env import init_task
 
 
 # -- Ray set-up -------------------------------------------------------------------------------------
@@ -217,12 +217,11 @@ def _neuron_task(group, neuron_ids, bank_images, bank_targets, heldout_images, h
 
 # -- teacher responses over a big bank: one Ray task per shard ----------------------------------------
 def _responses_task(teacher, bank_dir: str, shard: int, batch_size: int):
-    import torch
 
     from farm.data.images import ImageBank
     from farm.teacher_responses import shard_responses
 
-    torch.set_num_threads(task_threads())
+    init_task()
     ids, images, _ = ImageBank(bank_dir).read_shard(shard)
     return ids, shard_responses(teacher, images, batch_size)
 
@@ -257,13 +256,11 @@ def ray_shard_runner(num_cpus: float = 1, num_gpus: float = 0, max_retries: int 
 # -- analysis at scale: maximizing natural images over a bank ----------------------------------------
 def _rank_chunk_task(model_dirs, bank_dir, first, stop, top_k, params_dict):
     """Rank bank images [first, stop) by the outputs of the models saved in ``model_dirs``."""
-    import torch
-
     from farm.analysis.natural import NaturalParams, rank_natural_images
     from farm.data.images import ImageBank
     from farm.models.compact import load_compact
 
-    torch.set_num_threads(task_threads())
+    init_task()
     models = [load_compact(d) for d in model_dirs]
     ids = np.arange(first, stop)
     images = ImageBank(bank_dir).read(ids)

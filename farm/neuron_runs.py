@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from farm.compress import CompressConfig
 
 log = logging.getLogger(__name__)
-from farm.task_env import resolve_device, task_threads
+from farm.task_env import init_task, resolve_device
 
 
 # -- the work of one neuron -------------------------------------------------------------------------
@@ -175,13 +175,10 @@ def compress_group_and_log(neuron_ids: Sequence[str], inputs: NeuronInputs, comp
     and log a child run each; one row per neuron. A neuron already FINISHED (a retried task that had
     logged it) is SKIPPED; an error fails the neurons it concerns (all of them in distillation, one in
     its own pruning or logging), never the task."""
-    import torch
-
     from farm.compress import CompressConfig, check_inputs, compress_neuron, compress_neurons
     from farm.specialize import neuron_start
 
-    threads = task_threads()
-    torch.set_num_threads(threads)  # workers are reused: fix the pool size per task (ecosystem §5a)
+    threads = init_task()
     params = {n: neuron_params(n, compress_cfg, seed) for n in neuron_ids}
     rows = {}
     for n in neuron_ids:  # a retried task (worker killed after logging) must not log a neuron twice

@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from farm.neuron_runs import NeuronInputs, log_result, result_metrics
-from farm.task_env import resolve_device, task_threads
+from farm.task_env import init_task, resolve_device, task_threads
 from farm.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -55,13 +55,11 @@ def _slug(neuron_id: str) -> str:
 def distill_cached(neuron_id: str, inputs: NeuronInputs, compress_cfg: dict, seed: int, cache_dir: str,
                    device: str = "auto") -> dict:
     """Distill one neuron unless its model is already cached in ``cache_dir``; returns its summary."""
-    import torch
-
     from farm.compress import CompressConfig, distill_neuron
     from farm.distill import predict, squared_pearson
     from farm.models.compact import load_compact, save_compact
 
-    torch.set_num_threads(task_threads())
+    init_task()
     d = Path(cache_dir) / _slug(neuron_id)
     info_path = d / "distilled.json"
     if info_path.is_file():
@@ -91,13 +89,12 @@ def distill_cached(neuron_id: str, inputs: NeuronInputs, compress_cfg: dict, see
 def _trial(config: dict, inputs: NeuronInputs, compress_cfg: dict, seed: int, cache_dir: str,
            tracker: Tracker, parent_run_id: str, device: str):
     """One Tune trial: prune + retrain the cached distilled model of config['neuron_id']."""
-    import torch
     from ray import tune
 
     from farm.compress import CompressConfig, prune_and_retrain
     from farm.models.compact import load_compact
 
-    torch.set_num_threads(task_threads())
+    init_task()
     nid, tau, criterion = config["neuron_id"], float(config["tau"]), config["criterion"]
     col = list(inputs.neuron_ids).index(nid)
     base = CompressConfig.from_dict(compress_cfg)

@@ -1,13 +1,55 @@
-"""What a Ray task runs on: torch threads (Ray sets OMP_NUM_THREADS to the task's CPUs) and its device."""
+"""What a Ray task runs on: torch threads (Ray sets OMP_NUM_THREADS to the task's CPUs), its device, and
+an allocator that keeps freed memory (``keep_freed_memory``)."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
+import sys
+
+# glibc mallopt(3) parameters
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_kept = False
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep the memory torch frees, for the next tensor, instead of giving it back to
+    the OS. By default every tensor over the mmap threshold (a batch's activations, 10-300 MB at
+    112 px) is a fresh mmap, and each of its 4 KiB pages faults and is zeroed by the kernel when first
+    written: a neuron task spent more CPU time in the kernel than in torch (benchmarks/README.md "Where
+    the CPU time goes": a K=25 training step 17 -> 8 CPU-s, the 200-filter teacher's forward
+    18 -> 5). With mmap off and no trimming, freed blocks stay in the heap and are reused; the process
+    keeps its peak memory until it exits. Process-wide and idempotent; a no-op (False) off glibc."""
+    global _kept
+    if _kept:
+        return True
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl and others: keep the default
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    _kept = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    return _kept
 
 
 def task_threads() -> int:
     """Threads for torch in this task: Ray sets OMP_NUM_THREADS to the task's num_cpus."""
     return max(1, int(float(os.environ.get("OMP_NUM_THREADS", "1"))))
+
+
+def init_task() -> int:
+    """What every torch-heavy task does first: ``keep_freed_memory`` and torch's thread pool sized to
+    ``task_threads`` (Ray reuses workers, so it is set per task: ecosystem.md §5a). Returns the threads."""
+    import torch
+
+    keep_freed_memory()
+    threads = task_threads()
+    torch.set_num_threads(threads)
+    return threads
 
 
 def resolve_device(device: str) -> str:
@@ -16,4 +58,3 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
-
