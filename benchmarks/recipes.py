@@ -9,7 +9,13 @@ shared stage-1 distillation is charged to the neurons it serves, divided evenly)
     python benchmarks/recipes.py --config v4_190923 --neurons 190923:0-7 --recipes paper shared
 
 Recipes are ``farm.recipes`` presets applied to the job's ``compress`` section (the recipe's keys win
-over the job config's, except the overrides given with ``--set``). Results are appended as JSON
+over the job config's, except the overrides given with ``--set``); the recipe ``config`` is the job's
+own section as the farm job runs it (its ``recipe`` preset filled in under it), with ``--set`` over it:
+
+    python benchmarks/recipes.py --config v4_190923 --neurons 190923:0-3 --recipes config \
+        --set shared.path=<published>/shared_compact_model_35filters.keras \
+        specialize.late_filters=[48,16] --label "K35 start"
+ Results are appended as JSON
 lines to ``--out`` (one line per neuron and recipe) and printed as a markdown table.
 """
 
@@ -43,7 +49,7 @@ def run(args) -> list[dict]:
     from farm.selection import parse_neuron_selection
     from farm.specialize import neuron_start
     from farm.pipeline import prepare_job
-    from farm.recipes import compress_section
+    from farm.recipes import compress_section, resolve_recipe
     from farm.shared_start import SharedStartConfig, distill_shared
 
     torch.set_num_threads(args.threads)
@@ -56,9 +62,10 @@ def run(args) -> list[dict]:
     neurons = parse_neuron_selection(args.neurons, inp.neuron_ids)
     rows = []
     for recipe in args.recipes:
-        section = compress_section(job_section, recipe, args.set)
+        section = (apply_overrides(resolve_recipe(job_section), args.set) if recipe == "config"
+                   else compress_section(job_section, recipe, args.set))
         shared = section.get("shared")
-        ccfg = CompressConfig.from_dict({**section, "seed": cfg.seed})
+        ccfg = CompressConfig.for_seed(section, cfg.seed)  # as the farm task builds it
         starts, shared_cpu = {}, 0.0
         if shared is not None and shared.get("path"):
             from farm.shared_start import load_shared_start
@@ -88,7 +95,8 @@ def run(args) -> list[dict]:
                 real = RealData(r["images"], r["responses"][i] if r["has_repeats"] else
                                 np.nanmean(r["responses"][i], axis=-1), r["has_repeats"])
             t = time.process_time()
-            start = neuron_start(starts[nid], nid, inp.bank_images, ccfg.specialize) if nid in starts else None
+            start = (neuron_start(starts[nid], nid, inp.bank_images, ccfg.specialize,
+                                  targets=inp.bank_targets[:, col]) if nid in starts else None)
             res = compress_neuron(nid, inp.bank_images, inp.bank_targets[:, col], inp.heldout_images,
                                   inp.heldout_targets[:, col], ccfg, real=real, distilled=start)
             cpu = time.process_time() - t + shared_cpu
@@ -127,7 +135,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", default="demo")
     p.add_argument("--neurons", default="sim7:0-3")
-    p.add_argument("--recipes", nargs="+", default=["paper", "fast", "shared"])
+    p.add_argument("--recipes", nargs="+", default=["paper", "fast", "shared"],
+                   help="farm.recipes presets put over the job's compress section, or 'config': the "
+                        "job's own section as its farm job runs it")
     p.add_argument("--set", nargs="*", default=[], help="dotted overrides of the compress section, after the recipe")
     p.add_argument("--override", nargs="*", default=[], help="job-config overrides (out_dir=..., bank...)")
     p.add_argument("--shared-all", action="store_true",
@@ -137,6 +147,9 @@ def main(argv=None):
     p.add_argument("--out", default=None)
     p.add_argument("--table", default=None, help="only print the table of an --out file")
     args = p.parse_args(argv)
+    from farm.task_env import keep_freed_memory
+
+    keep_freed_memory()  # as farm's tasks run
     if args.table:
         rows = [json.loads(line) for line in open(args.table)]
     else:
