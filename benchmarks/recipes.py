@@ -15,8 +15,9 @@ own section as the farm job runs it (its ``recipe`` preset filled in under it), 
     python benchmarks/recipes.py --config v4_190923 --neurons 190923:0-3 --recipes config \
         --set shared.path=<published>/shared_compact_model_35filters.keras \
         specialize.late_filters=[48,16] --label "K35 start"
- Results are appended as JSON
-lines to ``--out`` (one line per neuron and recipe) and printed as a markdown table.
+
+Results are appended as JSON lines to ``--out`` (one line per neuron and recipe) and printed as a
+markdown table.
 """
 
 from __future__ import annotations

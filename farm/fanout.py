@@ -217,7 +217,6 @@ def _neuron_task(group, neuron_ids, bank_images, bank_targets, heldout_images, h
 
 # -- teacher responses over a big bank: one Ray task per shard ----------------------------------------
 def _responses_task(teacher, bank_dir: str, shard: int, batch_size: int):
-
     from farm.data.images import ImageBank
     from farm.teacher_responses import shard_responses
 

@@ -15,12 +15,13 @@ _kept = False
 
 def keep_freed_memory() -> bool:
     """Make glibc's malloc keep the memory torch frees, for the next tensor, instead of giving it back to
-    the OS. By default every tensor over the mmap threshold (a batch's activations, 10-300 MB at
-    112 px) is a fresh mmap, and each of its 4 KiB pages faults and is zeroed by the kernel when first
-    written: a neuron task spent more CPU time in the kernel than in torch (benchmarks/README.md "Where
-    the CPU time goes": a K=25 training step 17 -> 8 CPU-s, the 200-filter teacher's forward
-    18 -> 5). With mmap off and no trimming, freed blocks stay in the heap and are reused; the process
-    keeps its peak memory until it exits. Process-wide and idempotent; a no-op (False) off glibc."""
+    the OS. By default every tensor over the mmap threshold (at most 32 MiB; a wide batch's activations
+    at 112 px are larger) is a fresh mmap, and each of its 4 KiB pages faults and is zeroed by the
+    kernel when first written: a job's driver spent 698 s in the kernel against 246 s in torch on the
+    teacher's responses (benchmarks/README.md "Where the CPU time goes": the teacher's forward
+    38.4 -> 9.8 CPU-s, a K=25 training step at batch 64 12.0 -> 8.4). With mmap off and no trimming,
+    freed blocks stay in the heap and are reused; the process keeps its peak memory until it exits.
+    Process-wide and idempotent; a no-op (False) off glibc."""
     global _kept
     if _kept:
         return True
