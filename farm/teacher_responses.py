@@ -195,17 +195,20 @@ def responses_cache_path(cache_dir: str | Path, teacher_id: str, bank_id: str) -
 ShardRunner = Callable[..., Iterable[tuple[np.ndarray, np.ndarray]]]
 
 
-def shard_responses(teacher, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """The teacher's responses to one shard of images: float32 (n, neurons), shape-checked."""
+def shard_responses(teacher, images: np.ndarray, batch_size: int | None = None) -> np.ndarray:
+    """The teacher's responses to one shard of images: float32 (n, neurons), shape-checked.
+    batch_size: None = the teacher's own default (a teacher knows what its activations cost: a
+    200-filter compact model at 112 px needs ~12 GB at batch 256, ~1.5 GB at its default 32)."""
     images = _check_images(images, "bank shard")
-    r = np.asarray(teacher.predict(images, batch_size=batch_size), dtype=np.float32)
+    r = np.asarray(teacher.predict(images) if batch_size is None else
+                   teacher.predict(images, batch_size=batch_size), dtype=np.float32)
     if r.shape != (len(images), len(teacher.neuron_ids)):
         raise ValueError(f"teacher.predict returned shape {r.shape} for {len(images)} images and "
                          f"{len(teacher.neuron_ids)} neurons; expected (images, neurons)")
     return r
 
 
-def compute_teacher_responses(teacher, bank_or_images, batch_size: int = 256,
+def compute_teacher_responses(teacher, bank_or_images, batch_size: int | None = None,
                               progress: Callable[[int, int | None], None] | None = None,
                               cache_dir: str | Path | None = None, teacher_id: str | None = None,
                               bank_id: str | None = None, runner: ShardRunner | None = None) -> TeacherResponses:
@@ -224,8 +227,8 @@ def compute_teacher_responses(teacher, bank_or_images, batch_size: int = 256,
         (image ids, responses (n, neurons)) pair per shard, in shard order. Default: one shard after
         another in this process. ``farm.fanout.ray_shard_runner`` runs them as Ray tasks.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1 (or None: the teacher's default), got {batch_size}")
     neuron_ids = tuple(str(n) for n in teacher.neuron_ids)
     is_bank = hasattr(bank_or_images, "iter_shards")
     if not is_bank:
@@ -269,8 +272,9 @@ def compute_teacher_responses(teacher, bank_or_images, batch_size: int = 256,
             shards = ((ids, imgs) for ids, imgs, *_ in bank_or_images.iter_shards())
         else:
             total = len(images)
-            shards = ((np.arange(s, min(s + batch_size, total), dtype=np.int64), images[s:s + batch_size])
-                      for s in range(0, total, batch_size))
+            step = batch_size or 256  # images per progress report
+            shards = ((np.arange(s, min(s + step, total), dtype=np.int64), images[s:s + step])
+                      for s in range(0, total, step))
         parts, done = [], 0
         for ids, imgs in shards:
             parts.append((ids, shard_responses(teacher, imgs, batch_size)))

@@ -26,11 +26,13 @@ class CountingTeacher:
         self.models = teacher.models  # so its fingerprint is that of the wrapped models
         self.calls = 0
         self.images = 0
+        self.batch_sizes = []  # as asked (None: the teacher's own default)
 
-    def predict(self, images, batch_size=256):
+    def predict(self, images, batch_size=None):
         self.calls += 1
         self.images += len(images)
-        return self.teacher.predict(images, batch_size=batch_size)
+        self.batch_sizes.append(batch_size)
+        return self.teacher.predict(images) if batch_size is None else self.teacher.predict(images, batch_size=batch_size)
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +132,7 @@ def test_teacher_responses_one_pass_for_all_neurons_and_cache_hit(neurons, tmp_p
     teacher = CountingTeacher(CompactTeacher(neurons[:2]))
     first = compute_teacher_responses(teacher, images, batch_size=128, cache_dir=tmp_path)
     assert teacher.images == 300  # one pass over the images for both neurons
+    assert set(teacher.batch_sizes) == {128}
     assert first.responses.shape == (300, 2) and first.responses.dtype == np.float32
     np.testing.assert_array_equal(first.image_ids, np.arange(300))
     np.testing.assert_allclose(first.column(neurons[1].spec.neuron_ids[0]),
@@ -159,6 +162,8 @@ def test_teacher_responses_stream_an_image_bank(neurons, tmp_path):
     seen = []
     resp = compute_teacher_responses(teacher, bank, progress=lambda done, total: seen.append((done, total)))
     assert teacher.calls == 3  # one predict per shard
+    # at the teacher's own batch size: a 200-filter teacher at 112 px needs ~12 GB at batch 256
+    assert teacher.batch_sizes == [None] * 3
     assert seen == [(30, 70), (60, 70), (70, 70)]
     assert resp.bank_id == bank.bank_id
     ids, images, _ = bank.load_all()

@@ -448,8 +448,9 @@ class SelectOutputs:
         self.neuron_ids = tuple(neuron_ids)
         self.columns = np.array([position[nid] for nid in self.neuron_ids], dtype=np.intp)
 
-    def predict(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-        return self.teacher.predict(images, batch_size=batch_size)[:, self.columns]
+    def predict(self, images: np.ndarray, batch_size: int | None = None) -> np.ndarray:
+        out = self.teacher.predict(images) if batch_size is None else self.teacher.predict(images, batch_size=batch_size)
+        return out[:, self.columns]
 
 
 def published_compact_teacher(published_dir: str | Path, session: str = "190923",
