@@ -87,22 +87,37 @@ def neuron_start(shared: CompactModel, neuron_id: str, images: np.ndarray,
 
 
 @torch.no_grad()
-def _activations(model: CompactModel, images: np.ndarray, through: int, batch_size: int, head=None) -> torch.Tensor:
-    """Layer ``through``'s activations (then ``head`` of them), batch by batch, float32 CPU."""
+def _activations(model: CompactModel, images: np.ndarray, through: int, batch_size: int, head=None,
+                 flip: bool = False, channels_last: bool = False) -> torch.Tensor:
+    """Layer ``through``'s activations (then ``head`` of them), batch by batch, float32 CPU: of the
+    images, then (``flip``) of their left-right mirrors, (2N, ...). Written into one tensor made
+    up front (``channels_last``: in that layout), so the peak is the result itself: a 24,000-image
+    bank's mirrored layer-2 activations are 3.7 GB, and a list of batches joined at the end, then
+    copied to channels-last, held three times that."""
     model.eval()
     dev = next(model.parameters()).device
-    out = []
-    for s in range(0, len(images), batch_size):
-        x = recenter(images[s:s + batch_size], dev)
-        for l in range(through + 1):
-            x = model.layer_act(l, x)
-        out.append((x if head is None else head(x)).float().cpu())
-    return torch.cat(out)
+    n = len(images)
+    out = None
+    for view in ((False, True) if flip else (False,)):
+        for s in range(0, n, batch_size):
+            batch = images[s:s + batch_size]
+            x = recenter(np.ascontiguousarray(batch[:, :, ::-1]) if view else batch, dev)
+            for l in range(through + 1):
+                x = model.layer_act(l, x)
+            y = (x if head is None else head(x)).float().cpu()
+            if out is None:
+                fmt = torch.channels_last if channels_last and y.dim() == 4 else torch.contiguous_format
+                out = torch.empty((n * (2 if flip else 1), *y.shape[1:]), dtype=torch.float32, memory_format=fmt)
+            first = s + (n if view else 0)
+            out[first:first + len(y)] = y
+    return out
 
 
-def _early(shared: CompactModel, images: np.ndarray, batch_size: int = 128) -> torch.Tensor:
-    """Layer-2 activations (N, K2, R, R), float32 CPU."""
-    return _activations(shared, images, 2, batch_size)
+def _early(shared: CompactModel, images: np.ndarray, batch_size: int = 128, flip: bool = False) -> torch.Tensor:
+    """Layer-2 activations (N, K2, R, R) (``flip``: then those of the mirrored images, 2N), float32
+    CPU, channels-last (PyTorch's CPU depthwise/pointwise convolutions and their backward run about
+    twice as fast on it at these sizes: benchmarks/README.md "A wider start kept in factorized form")."""
+    return _activations(shared, images, 2, batch_size, flip=flip, channels_last=True)
 
 
 @torch.no_grad()
@@ -115,10 +130,13 @@ def _late_map(model: CompactModel, index: int, a2: torch.Tensor, batch_size: int
                                                  w, b)[:, 0].float().cpu() for s in range(0, len(a2), batch_size)])
 
 
-def neuron_map(model: CompactModel, index: int, images: np.ndarray, batch_size: int = 64) -> torch.Tensor:
-    """Output ``index``'s map T = m . a4 (N, R, R) of a factorized model, float32 CPU."""
+def neuron_map(model: CompactModel, index: int, images: np.ndarray, batch_size: int = 64,
+               flip: bool = False) -> torch.Tensor:
+    """Output ``index``'s map T = m . a4 (N, R, R) of a factorized model, float32 CPU (``flip``: then
+    its maps of the mirrored images, 2N)."""
     w, b = model.mixing.weight[index:index + 1], model.mixing.bias[index:index + 1]
-    return _activations(model, images, 4, batch_size, head=lambda a4: torch.nn.functional.conv2d(a4, w, b)[:, 0])
+    return _activations(model, images, 4, batch_size, head=lambda a4: torch.nn.functional.conv2d(a4, w, b)[:, 0],
+                        flip=flip)
 
 
 def specialize(shared: CompactModel, neuron_id: str, images: np.ndarray,
@@ -156,16 +174,13 @@ def specialize(shared: CompactModel, neuron_id: str, images: np.ndarray,
     model = build_compact(new_spec, seed=config.seed)
     copy_early_(model, shared)
     src = target.state_dict()
-    if config.flip:
-        mirrored = np.asarray(images)[:, :, ::-1]
-        if target_map is not None:  # the model is not mirror-symmetric: its map of the mirrored images
-            target_map = torch.cat([target_map.float(), neuron_map(target, index, mirrored)])
-        images = np.concatenate([images, mirrored])
-    # channels-last: PyTorch's CPU depthwise/pointwise convolutions (and their backward) run about twice
-    # as fast on it at these sizes (benchmarks/README.md "A wider start kept in factorized form")
-    a2 = _early(shared, images).contiguous(memory_format=torch.channels_last)
+    images = np.asarray(images)
+    if config.flip and target_map is not None:  # the model is not mirror-symmetric: its map of the mirrors
+        target_map = torch.cat([target_map.float(), neuron_map(target, index, images[:, :, ::-1])])
+    a2 = _early(shared, images, flip=config.flip)  # (2N with the mirrors, K2, R, R)
     if target_map is None:  # the shared model's own map: from the early activations just computed
-        target_map = (_late_map(shared, index, a2) if target is shared else neuron_map(target, index, images))
+        target_map = (_late_map(shared, index, a2) if target is shared
+                      else neuron_map(target, index, images, flip=config.flip))
     target_map = target_map.float()
     if target_map.shape[1:] != shared.spatial.shape[1:]:
         raise ValueError(f"specialize: target map {tuple(target_map.shape[1:])} != shared model's "
@@ -179,7 +194,7 @@ def specialize(shared: CompactModel, neuron_id: str, images: np.ndarray,
         mix = torch.nn.Conv2d(k4, 1, 1)
     model = model.to(memory_format=torch.channels_last)
     mix = mix.to(memory_format=torch.channels_last)
-    n = len(images)
+    n = len(a2)
     model.train()
 
     def map_loss(idx):

@@ -220,6 +220,23 @@ def test_specialize_fits_narrow_late_layers_to_one_neurons_map_of_a_shared_stude
     assert neuron_start(shared, nid, sim["x"]).spec.filters == (6, 6, 6, 8, 8)  # no config: the slice
 
 
+
+def test_mirrored_activations_are_those_of_the_mirrored_images(sim, shared6):
+    """The specialization's layer-2 activations with ``flip``, written batch by batch into one
+    channels-last tensor (no concatenated copy of the images or of the activations), equal the
+    activations of the images followed by those of their mirrors, and so do the maps."""
+    from farm.specialize import _early, neuron_map
+
+    x = sim["x"][:50]  # not a multiple of the batch: the last batch of each half is short
+    mirrored = np.ascontiguousarray(x[:, :, ::-1])
+    a2 = _early(shared6, x, batch_size=16, flip=True)
+    assert a2.shape[0] == 100 and a2.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(a2, torch.cat([_early(shared6, x, batch_size=16),
+                                          _early(shared6, mirrored, batch_size=16)]), rtol=0, atol=0)
+    maps = neuron_map(shared6, 2, x, batch_size=16, flip=True)
+    torch.testing.assert_close(maps, torch.cat([neuron_map(shared6, 2, x, batch_size=16),
+                                          neuron_map(shared6, 2, mirrored, batch_size=16)]), rtol=0, atol=0)
+
 def test_specialize_keeps_the_factorized_readout_and_tunes_to_the_teachers_responses(sim, shared6):
     """``readout: factorized`` fits as well as the dense readout with K4-fold fewer readout weights; ``tune_passes`` then fits the late layers and readout to the teacher's scalar
     responses (here the true rates, which the shared student only approximates) and gets closer to
