@@ -104,11 +104,11 @@ def run(args) -> list[dict]:
             key = "r2_er" if (real is not None and real.has_repeats) else "r2_raw"
             row = _row(recipe, nid, res, cpu, prepared.teacher_real_r2.get(nid), key)
             row.update(config=args.config, threads=args.threads, date=time.strftime("%Y-%m-%dT%H:%M"),
-                       machine=f"{platform.node()} {os.cpu_count()} cpus", sets=args.set,
+                       machine=f"{platform.node()} {os.cpu_count()} cpus", sets=args.set, overrides=args.override,
                        label=args.label)
             rows.append(row)
             print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()
-                              if k not in ("config", "machine", "date", "sets")}), flush=True)
+                              if k not in ("config", "machine", "date", "sets", "overrides")}), flush=True)
             if args.out:
                 with open(args.out, "a") as f:
                     f.write(json.dumps(row) + "\n")
