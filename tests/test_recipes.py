@@ -220,7 +220,6 @@ def test_specialize_fits_narrow_late_layers_to_one_neurons_map_of_a_shared_stude
     assert neuron_start(shared, nid, sim["x"]).spec.filters == (6, 6, 6, 8, 8)  # no config: the slice
 
 
-
 def test_mirrored_activations_are_those_of_the_mirrored_images(sim, shared6):
     """The specialization's layer-2 activations with ``flip``, written batch by batch into one
     channels-last tensor (no concatenated copy of the images or of the activations), equal the
@@ -236,6 +235,7 @@ def test_mirrored_activations_are_those_of_the_mirrored_images(sim, shared6):
     maps = neuron_map(shared6, 2, x, batch_size=16, flip=True)
     torch.testing.assert_close(maps, torch.cat([neuron_map(shared6, 2, x, batch_size=16),
                                           neuron_map(shared6, 2, mirrored, batch_size=16)]), rtol=0, atol=0)
+
 
 def test_specialize_keeps_the_factorized_readout_and_tunes_to_the_teachers_responses(sim, shared6):
     """``readout: factorized`` fits as well as the dense readout with K4-fold fewer readout weights; ``tune_passes`` then fits the late layers and readout to the teacher's scalar
