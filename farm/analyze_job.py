@@ -74,7 +74,10 @@ def _analyze_task(neuron_id: str, model_dir: str, top_images: np.ndarray, sample
     from farm.task_env import init_task, resolve_device
     from farm.models.compact import load_compact
 
+    import ray
+
     init_task()
+    tracker = tracker.from_node(ray.util.get_node_ip_address())
     t0 = time.time()
     try:
         model = load_compact(model_dir)
@@ -181,9 +184,10 @@ def run_analyze_job(cfg: JobConfig, force: bool = False, progress: bool = True) 
                                                    max_retries=cfg.farm.max_retries, retry_exceptions=False,
                                                    name="analyze_model")
         sample_ref = ray.put(sample)
+        home = tracker.at_home(ray.util.get_node_ip_address())  # tasks on other nodes: Tracker.from_node
         col = {str(m[2]): i for i, m in enumerate(models)}
         pending = {remote.remote(nid, str(mdir), ranking.top_images[col[str(mdir)]], sample_ref,
-                                 cfg.analysis.config, tracker, run.info.run_id, str(out_root), cfg.farm.device): nid
+                                 cfg.analysis.config, home, run.info.run_id, str(out_root), cfg.farm.device): nid
                    for nid, run, mdir in todo}
         rows = gather(pending, "analyses", "model", progress)
 

@@ -148,6 +148,7 @@ def run_neurons(neurons: Sequence[str], inputs: NeuronInputs, compress_cfg: dict
     remote = ray.remote(_neuron_task).options(
         num_cpus=num_cpus, num_gpus=num_gpus, max_retries=max_retries, retry_exceptions=False,
         name="compress_neuron")
+    tracker = tracker.at_home(ray.util.get_node_ip_address())  # tasks on other nodes: Tracker.from_node
     # Every array goes into the object store once; as top-level task arguments Ray hands them to
     # each task zero-copy (numpy arrays are read straight from shared memory).
     refs = [ray.put(a) for a in (inputs.bank_images, inputs.bank_targets, inputs.heldout_images,
@@ -209,6 +210,9 @@ def gather(pending: dict, desc: str, unit: str, progress: bool = True,
 def _neuron_task(group, neuron_ids, bank_images, bank_targets, heldout_images, heldout_targets,
                  real, ground_truth_heldout, shared_start, teacher_real, compress_cfg, seed, tracker,
                  parent_run_id, device, register):
+    import ray
+
+    tracker = tracker.from_node(ray.util.get_node_ip_address())  # before any work: a wrong store fails now
     inputs = NeuronInputs(neuron_ids, bank_images, bank_targets, heldout_images, heldout_targets,
                           real, ground_truth_heldout, shared_start, teacher_real)
     return compress_group_and_log(group, inputs, compress_cfg, seed, tracker, parent_run_id, device, register)

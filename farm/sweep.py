@@ -94,7 +94,10 @@ def _trial(config: dict, inputs: NeuronInputs, compress_cfg: dict, seed: int, ca
     from farm.compress import CompressConfig, prune_and_retrain
     from farm.models.compact import load_compact
 
+    import ray
+
     init_task()
+    tracker = tracker.from_node(ray.util.get_node_ip_address())
     nid, tau, criterion = config["neuron_id"], float(config["tau"]), config["criterion"]
     col = list(inputs.neuron_ids).index(nid)
     base = CompressConfig.from_dict(compress_cfg)
@@ -198,7 +201,8 @@ def run_sweep(neurons: Sequence[str], inputs: NeuronInputs, compress_cfg: dict, 
         tune.with_parameters(_trial, inputs=NeuronInputs(list(inputs.neuron_ids), inputs.bank_images,
                                                          inputs.bank_targets, inputs.heldout_images,
                                                          inputs.heldout_targets),
-                             compress_cfg=compress_cfg, seed=seed, cache_dir=cache_dir, tracker=tracker,
+                             compress_cfg=compress_cfg, seed=seed, cache_dir=cache_dir,
+                             tracker=tracker.at_home(ray.util.get_node_ip_address()),
                              parent_run_id=parent_run_id, device=device),
         {"cpu": num_cpus, "gpu": num_gpus})
     path = os.path.join(storage_path, name)

@@ -13,6 +13,7 @@ run behind, which the next run of the job marks KILLED.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -112,13 +113,63 @@ def check_server(uri: str, timeout: float = 5.0) -> None:
                          f"out_dir)") from None
 
 
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def uri_from_node(uri: str, home_ip: str | None, node_ip: str | None) -> str:
+    """The tracking URI a process on node ``node_ip`` uses to reach the store that ``uri`` names on
+    node ``home_ip`` (the driver's). Unchanged on the driver's node (or when either address is
+    unknown). On another node, an http(s) server on the driver's loopback (e.g. the head's
+    ``tracking.uri=http://127.0.0.1:5000``) is reached at ``home_ip`` instead, port and path kept; a
+    remote server's URI is unchanged. A file store (sqlite, a folder) lives on the driver's disk:
+    ValueError, since logging to that path on another node would make a new store there and lose
+    the run."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    if not home_ip or not node_ip or home_ip == node_ip:
+        return uri
+    parts = urlsplit(uri)
+    if parts.scheme in ("http", "https"):
+        if parts.hostname not in _LOOPBACK:
+            return uri
+        host = f"[{home_ip}]" if ":" in home_ip else home_ip
+        netloc = host + (f":{parts.port}" if parts.port else "")
+        if "@" in parts.netloc:
+            netloc = parts.netloc.rsplit("@", 1)[0] + "@" + netloc
+        return urlunsplit(parts._replace(netloc=netloc))
+    raise ValueError(f"tracking store {uri} is on the driver's node ({home_ip}); a task on node {node_ip} "
+                     f"cannot log to it: set tracking.uri to an MLflow server every node reaches (e.g. "
+                     f"cluster.yaml's, http://127.0.0.1:5000 on the head)")
+
+
 @dataclass
 class Tracker:
-    """A picklable handle (URI + experiment id) that any process can log through."""
+    """A picklable handle (URI + experiment id) that any process can log through. ``home_ip`` is the
+    driver's node address, set by the fan-out (``at_home``) so that a task on another node logs to
+    the same store (``from_node``)."""
 
     uri: str
     experiment_id: str
     experiment_name: str
+    home_ip: str | None = None
+
+    def at_home(self, ip: str) -> "Tracker":
+        """This tracker, with ``ip`` as the driver's node address."""
+        return dataclasses.replace(self, home_ip=ip)
+
+    def from_node(self, node_ip: str) -> "Tracker":
+        """This tracker as a task on node ``node_ip`` reaches it (``uri_from_node``); ValueError at once
+        when a server it must reach at another address does not answer there."""
+        uri = uri_from_node(self.uri, self.home_ip, node_ip)
+        if uri == self.uri:
+            return self
+        try:  # before the task's work, not after it: a run that cannot be logged is lost
+            check_server(uri)
+        except ValueError as e:
+            raise ValueError(f"{e}. That is the driver's {self.uri} as a task on node {node_ip} reaches "
+                             f"it: the server must listen on the driver node's network interface "
+                             f"(cluster.yaml: mlflow server --host 0.0.0.0)") from None
+        return dataclasses.replace(self, uri=uri)
 
     @classmethod
     def open(cls, uri: str, experiment: str = "farm") -> "Tracker":

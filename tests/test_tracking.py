@@ -1,5 +1,6 @@
 """MLflow tracking with a real sqlite store: parent/child runs, idempotence, failures, artifacts."""
 
+import pytest
 import torch
 
 from farm.models.compact import CompactSpec, build_compact, load_compact, save_compact
@@ -72,3 +73,57 @@ def test_two_drivers_creating_one_fresh_store_at_once_both_succeed(tmp_path):
     tr = Tracker.open(uri, "race")
     parent = tr.start_job("after-the-race")
     assert tr.client.get_run(parent).info.status == "RUNNING"
+
+
+def test_a_task_on_another_node_reaches_the_drivers_loopback_server_at_the_drivers_address():
+    from farm.tracking import uri_from_node
+
+    # the head's server as the head's driver names it, seen from a GPU worker
+    assert uri_from_node("http://127.0.0.1:5000", "10.0.1.5", "10.0.1.9") == "http://10.0.1.5:5000"
+    assert uri_from_node("http://localhost:5000/prefix", "10.0.1.5", "10.0.1.9") == "http://10.0.1.5:5000/prefix"
+    assert uri_from_node("https://user@[::1]:443", "fd00::5", "fd00::9") == "https://user@[fd00::5]:443"
+    # on the driver's own node, or a server named by an address every node can use: unchanged
+    assert uri_from_node("http://127.0.0.1:5000", "10.0.1.5", "10.0.1.5") == "http://127.0.0.1:5000"
+    assert uri_from_node("http://mlflow.lab:5000", "10.0.1.5", "10.0.1.9") == "http://mlflow.lab:5000"
+    assert uri_from_node("sqlite:////x/mlflow.db", None, "10.0.1.9") == "sqlite:////x/mlflow.db"
+
+
+def test_a_file_store_on_the_drivers_disk_is_refused_on_another_node_instead_of_a_new_store_there(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracker = Tracker.open(uri, "t").at_home("10.0.1.5")
+    assert tracker.from_node("10.0.1.5") == tracker
+    with pytest.raises(ValueError, match=r"on the driver's node \(10.0.1.5\).*10.0.1.9.*tracking.uri"):
+        tracker.from_node("10.0.1.9")
+
+
+def test_a_task_on_another_node_fails_before_its_work_when_the_drivers_server_is_not_reachable():
+    import http.server
+    import socket
+    import threading
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"OK")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
+        # the driver names the server "localhost"; from "another node" it is the driver's address
+        tracker = Tracker(f"http://localhost:{port}", "1", "t").at_home("127.0.0.1")
+        assert tracker.from_node("10.0.1.9").uri == f"http://127.0.0.1:{port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        free = s.getsockname()[1]
+    tracker = Tracker(f"http://localhost:{free}", "1", "t").at_home("127.0.0.1")
+    with pytest.raises(ValueError, match=r"no MLflow server answers.*driver's http://localhost:\d+ as a task "
+                                         r"on node 10.0.1.9.*--host 0.0.0.0"):
+        tracker.from_node("10.0.1.9")
