@@ -5,6 +5,7 @@ their medians: params, filters, R² to the teacher (start / final), real-data R�
     python benchmarks/job_rows.py --config configs/v4_190923.yaml --markdown     # a README table
     python benchmarks/job_rows.py --config configs/v4_190923.yaml --save benchmarks/results/x.jsonl
     python benchmarks/job_rows.py --rows benchmarks/results/x.jsonl --markdown   # saved rows, no store
+    python benchmarks/job_rows.py --rows x.jsonl --markdown --compare y.jsonl    # with y's column and differences
 
 ``--save`` keeps the rows in a JSONL file (one object per neuron; a neuron already there is
 replaced), so that a job run in pieces (a store does not outlive a fresh checkout) is tabled whole
@@ -61,23 +62,31 @@ def save(rows: list[dict], path: Path) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in kept + rows))
 
 
-def table(rows: list[dict], markdown: bool) -> str:
+def table(rows: list[dict], markdown: bool, compare: list[dict] | None = None) -> str:
+    """The rows as text or a markdown table with a median row; with ``compare`` (another job's rows),
+    a column of that job's final R² to the teacher / real-data R² for the same neuron and, after the
+    medians, the per-neuron median differences (these rows minus those)."""
     from farm.selection import neuron_sort_key
 
     rows = sorted(rows, key=lambda r: neuron_sort_key(r["neuron"]))
+    other = {r["neuron"]: r for r in compare or []}
     real = rows[0]["real_metric"] if rows else "r2_raw"
     nan = float("nan")
     f3 = lambda v: nan if v is None else v  # noqa: E731
     lines = []
     if markdown:
-        lines += [f"| neuron | K0..K4 | params | R² to teacher: start / final | {real} | teacher's {real} | CPU-s |",
-                  "|---|---|---|---|---|---|---|"]
+        extra = " other: final / real |" if compare is not None else ""
+        lines += [f"| neuron | K0..K4 | params | R² to teacher: start / final | {real} | teacher's {real} | CPU-s |"
+                  + extra, "|---|---|---|---|---|---|---|" + ("---|" if extra else "")]
     for r in rows:
         cpu = "" if r["cpu_s"] is None else f"{r['cpu_s']:.0f}"
         f = tuple(r["filters"])
         if markdown:
+            o = other.get(r["neuron"])
+            extra = "" if compare is None else (
+                " - |" if o is None else f" {o['r2_final']:.3f} / {f3(o['real']):.3f} |")
             lines.append(f"| {r['neuron']} | {f} | {r['params']:,} | {f3(r['r2_start']):.3f} / {r['r2_final']:.3f} | "
-                         f"{f3(r['real']):.3f} | {f3(r['teacher_real']):.3f} | {cpu} |")
+                         f"{f3(r['real']):.3f} | {f3(r['teacher_real']):.3f} | {cpu} |" + extra)
         else:
             lines.append(f"{r['neuron']:<12} {f} {r['params']:>7,} R² to teacher {f3(r['r2_start']):.3f} / "
                          f"{r['r2_final']:.3f}  {real} {f3(r['real']):.3f} (teacher {f3(r['teacher_real']):.3f})"
@@ -87,11 +96,30 @@ def table(rows: list[dict], markdown: bool) -> str:
         med = [statistics.median([r[k] for r in rows if r[k] is not None] or [nan]) for k in keys]
         if markdown:
             lines.append(f"| median ({len(rows)}) | | {med[0]:,.0f} | / {med[1]:.3f} | **{med[2]:.3f}** | "
-                         f"{med[3]:.3f} | {med[4]:.0f} |")
+                         f"{med[3]:.3f} | {med[4]:.0f} |" + ("" if compare is None else " |"))
         else:
             lines.append(f"{len(rows)} neurons: median params {med[0]:,.0f}, R² to teacher {med[1]:.3f}, {real} "
                          f"{med[2]:.3f} (teacher {med[3]:.3f}), {med[4]:.0f} CPU-s")
+        lines += _summary(rows, other, real)
     return "\n".join(lines)
+
+
+def _summary(rows: list[dict], other: dict, real: str) -> list[str]:
+    """Counts and per-neuron median differences under the table."""
+    def med(v):
+        return statistics.median(v) if v else float("nan")
+
+    out = [f"R² to the teacher >= 0.9: {sum(r['r2_final'] >= 0.9 for r in rows)} of {len(rows)}; "
+           f"median {real} minus the teacher's: "
+           f"{med([r['real'] - r['teacher_real'] for r in rows if r['real'] is not None and r['teacher_real'] is not None]):+.3f}"]
+    pairs = [(r, other[r["neuron"]]) for r in rows if r["neuron"] in other]
+    if pairs:
+        d_final = [r["r2_final"] - o["r2_final"] for r, o in pairs]
+        d_real = [r["real"] - o["real"] for r, o in pairs if r["real"] is not None and o["real"] is not None]
+        out.append(f"against the other rows, neuron by neuron ({len(pairs)}): R² to the teacher "
+                   f"{med(d_final):+.3f}, {real} {med(d_real):+.3f} (higher on {sum(d > 0 for d in d_real)} "
+                   f"of {len(d_real)}) (medians)")
+    return out
 
 
 def main(argv=None):
@@ -101,6 +129,7 @@ def main(argv=None):
     p.add_argument("--rows", nargs="+", type=Path, help="saved JSONL rows instead of a store")
     p.add_argument("--save", type=Path, help="also keep the store's rows in this JSONL file")
     p.add_argument("--markdown", action="store_true", help="print a markdown table with a median row")
+    p.add_argument("--compare", type=Path, help="saved JSONL rows of another job: a column and median differences")
     a = p.parse_args(argv)
     if a.rows:
         rows = [json.loads(line) for f in a.rows for line in f.read_text().splitlines() if line.strip()]
@@ -110,7 +139,10 @@ def main(argv=None):
             save(rows, a.save)
     else:
         p.error("give --config (a job's store) or --rows (saved rows)")
-    print(table(rows, a.markdown))
+    compare = None
+    if a.compare:
+        compare = [json.loads(line) for line in a.compare.read_text().splitlines() if line.strip()]
+    print(table(rows, a.markdown, compare))
 
 
 if __name__ == "__main__":
