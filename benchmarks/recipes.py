@@ -17,7 +17,8 @@ own section as the farm job runs it (its ``recipe`` preset filled in under it), 
         specialize.late_filters=[48,16] --label "K35 start"
 
 Results are appended as JSON lines to ``--out`` (one line per neuron and recipe) and printed as a
-markdown table.
+markdown table. A rerun skips the neurons whose row (same label or recipe and ``--set``, same
+``--override``) is already in ``--out``, so a comparison can run in pieces.
 """
 
 from __future__ import annotations
@@ -62,7 +63,14 @@ def run(args) -> list[dict]:
     inp = prepared.inputs
     neurons = parse_neuron_selection(args.neurons, inp.neuron_ids)
     rows = []
+    done = _done(args.out) if args.out else set()
     for recipe in args.recipes:
+        key = (_name({"recipe": recipe, "sets": args.set, "label": args.label}), tuple(args.override))
+        todo = [n for n in neurons if (*key, n) not in done]
+        if len(todo) < len(neurons):
+            print(f"[{key[0]}] already in {args.out}: {[n for n in neurons if n not in todo]}", flush=True)
+        if not todo:
+            continue
         section = (apply_overrides(resolve_recipe(job_section), args.set) if recipe == "config"
                    else compress_section(job_section, recipe, args.set))
         shared = section.get("shared")
@@ -72,11 +80,11 @@ def run(args) -> list[dict]:
             from farm.shared_start import load_shared_start
 
             model = load_shared_start(shared["path"], neurons)
-            starts = {n: model for n in neurons}
+            starts = {n: model for n in todo}
         elif shared is not None:
             scfg = SharedStartConfig.from_dict(shared)
             # the shared student serves every neuron of the teacher (its cost is split over them all)
-            ids = list(inp.neuron_ids) if args.shared_all else neurons
+            ids = list(inp.neuron_ids) if args.shared_all else todo
             cols = [inp.neuron_ids.index(n) for n in ids]
             t = time.process_time()
             res = distill_shared(ids, inp.bank_images, inp.bank_targets[:, cols], scfg, seed=cfg.seed,
@@ -85,8 +93,8 @@ def run(args) -> list[dict]:
             print(f"[{recipe}] shared student {scfg.filters}: {res.cpu_seconds:.0f} CPU-s, "
                   f"{shared_cpu:.0f} per neuron; eval R2 median "
                   f"{np.median(res.history[-1]['eval_r2']):.3f}", flush=True)
-            starts = {n: res.model for n in neurons}
-        for nid in neurons:
+            starts = {n: res.model for n in todo}
+        for nid in todo:
             col = inp.neuron_ids.index(nid)
             sess = nid.split(":", 1)[0]
             real = None
@@ -115,11 +123,24 @@ def run(args) -> list[dict]:
     return rows
 
 
+def _name(row: dict) -> str:
+    """A row's recipe as the table names it: its label, else the recipe and its ``--set``."""
+    return row.get("label") or " ".join([row["recipe"], *row.get("sets", [])])
+
+
+def _done(out: str) -> set:
+    """(name, overrides, neuron) of the rows already in ``out`` (a rerun skips them)."""
+    if not os.path.isfile(out):
+        return set()
+    rows = [json.loads(line) for line in open(out) if line.strip()]
+    return {(_name(r), tuple(r.get("overrides") or ()), r["neuron"]) for r in rows}
+
+
 def table(rows: list[dict]) -> str:
     """Median per recipe, as markdown."""
     out = ["| recipe | neurons | R² to teacher: distilled / pruned / final | real | teacher real | Δ real "
            "| params | filters K0..K4 (median) | CPU-s per neuron |", "|---|---|---|---|---|---|---|---|---|"]
-    name = lambda r: r.get("label") or " ".join([r["recipe"], *r.get("sets", [])])  # noqa: E731
+    name = _name
     for recipe in dict.fromkeys(name(r) for r in rows):
         rs = [r for r in rows if name(r) == recipe]
         med = lambda k: float(np.median([r[k] for r in rs if r[k] is not None]))  # noqa: E731
