@@ -92,10 +92,10 @@ def table(rows: list[dict], markdown: bool, compare: list[dict] | None = None) -
                          f"{r['r2_final']:.3f}  {real} {f3(r['real']):.3f} (teacher {f3(r['teacher_real']):.3f})"
                          + (f"  cpu {cpu} s" if cpu else ""))
     if rows:
-        keys = ("params", "r2_final", "real", "teacher_real", "cpu_s")
+        keys = ("params", "r2_final", "real", "teacher_real", "cpu_s", "r2_start")
         med = [statistics.median([r[k] for r in rows if r[k] is not None] or [nan]) for k in keys]
         if markdown:
-            lines.append(f"| median ({len(rows)}) | | {med[0]:,.0f} | / {med[1]:.3f} | **{med[2]:.3f}** | "
+            lines.append(f"| median ({len(rows)}) | | {med[0]:,.0f} | {med[5]:.3f} / {med[1]:.3f} | **{med[2]:.3f}** | "
                          f"{med[3]:.3f} | {med[4]:.0f} |" + ("" if compare is None else " |"))
         else:
             lines.append(f"{len(rows)} neurons: median params {med[0]:,.0f}, R² to teacher {med[1]:.3f}, {real} "

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from farm.compress import CompressConfig
 
 log = logging.getLogger(__name__)
-from farm.task_env import init_task, resolve_device
+from farm.task_env import init_task, release_freed_memory, resolve_device
 
 
 # -- the work of one neuron -------------------------------------------------------------------------
@@ -205,6 +205,7 @@ def compress_group_and_log(neuron_ids: Sequence[str], inputs: NeuronInputs, comp
                 start = neuron_start(inputs.shared_start, n, inputs.bank_images, cfg.specialize,
                                      targets=inputs.bank_targets[:, col])
                 start_s = time.perf_counter() - wall0
+                release_freed_memory()  # the specialization's activations: the peak of the task
                 result = compress_neuron(
                     n, inputs.bank_images, inputs.bank_targets[:, col], inputs.heldout_images,
                     inputs.heldout_targets[:, col], cfg, real=_real_data(inputs, n),
@@ -236,5 +237,6 @@ def compress_group_and_log(neuron_ids: Sequence[str], inputs: NeuronInputs, comp
             rows[n] = _log_compressed(n, result, inputs, params[n], tracker, parent_run_id, register, t0)
         except Exception as e:
             rows[n] = _failed(n, e, tracker, parent_run_id, params[n])
+    release_freed_memory()  # Ray keeps the worker for the next task; its peak need not stay with it
     return [rows[n] for n in neuron_ids]
 

@@ -25,6 +25,7 @@ from farm.config import JobConfig, load_job_config, read_yaml, resolve_config_pa
 from farm.fanout import JobResult, init_job_ray, run_neurons
 from farm.neuron_runs import NeuronInputs
 from farm.selection import neuron_sort_key, parse_neuron_selection
+from farm.task_env import release_freed_memory
 from farm.teacher_sources import PUBLISHED_KINDS, published_teacher
 from farm.tracking import Tracker, ui_command, ui_url
 
@@ -257,7 +258,10 @@ def prepare_job(cfg: JobConfig, tracker: Tracker | None = None, progress: bool =
     inputs = NeuronInputs(list(teacher.neuron_ids), images[train_idx], targets[train_idx],
                           images[held_idx], targets[held_idx], real, gt, teacher_real=teacher_real)
     inputs.shared_start, shared_info = prepare_shared_start(cfg, inputs, f"{tinfo['teacher_id']}|{resp.bank_id}")
-    return PreparedJob(inputs, tinfo, resp.bank_id, list(teacher.neuron_ids), filters, teacher_r2, shared_info)
+    bank_id = resp.bank_id
+    del images, targets, resp
+    release_freed_memory()  # the teacher's passes over the bank and the copies above: not the driver's to keep
+    return PreparedJob(inputs, tinfo, bank_id, list(teacher.neuron_ids), filters, teacher_r2, shared_info)
 
 
 # -- stage 4 (the "shared" recipe): one shared student for all neurons -------------------------------

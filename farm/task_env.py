@@ -1,5 +1,5 @@
 """What a Ray task runs on: torch threads (Ray sets OMP_NUM_THREADS to the task's CPUs), its device, and
-an allocator that keeps freed memory (``keep_freed_memory``)."""
+an allocator that keeps freed memory (``keep_freed_memory``) until a stage ends (``release_freed_memory``)."""
 
 from __future__ import annotations
 
@@ -35,6 +35,24 @@ def keep_freed_memory() -> bool:
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     _kept = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
     return _kept
+
+
+def release_freed_memory() -> bool:
+    """Give the heap's free memory back to the OS (glibc ``malloc_trim(0)``), at the end of a stage
+    whose peak the next stage does not reach: with ``keep_freed_memory`` a process otherwise holds its
+    peak until it exits. On a 2-core VM running configs/v4_190923.yaml, the driver held 6.2 GB after
+    preparing the job (the teacher's responses to 24,000 images) and a neuron task 9.8 GB after its
+    specialization, and Ray's memory monitor killed a neuron task at 95% of 23.5 GB. What is in use is
+    untouched; the next allocation grows the heap again (page faults once per stage, not per batch).
+    True when memory was released; False off glibc or when there was none to release."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return bool(trim(0))
 
 
 def task_threads() -> int:

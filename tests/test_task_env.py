@@ -51,3 +51,35 @@ def test_init_task_sizes_torch_threads_from_ray_omp_num_threads():
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     r = _probe("keep", env)
     assert r["threads"] == 2 and r["torch_threads"] == 2
+
+
+_RELEASE = textwrap.dedent("""
+    import json, os, torch
+    from farm.task_env import keep_freed_memory, release_freed_memory
+    def rss():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    keep_freed_memory()
+    base = rss()
+    x = torch.empty(64 * 2**20)  # 256 MiB of float32, written: a stage's peak
+    x.fill_(1.0)
+    peak = rss()
+    del x
+    kept = rss()
+    released = release_freed_memory()
+    after = rss()
+    y = torch.ones(16 * 2**20)  # the heap serves the next stage as before
+    print(json.dumps({"base": base, "peak": peak, "kept": kept, "after": after, "released": released,
+                      "sum": float(y.sum())}))
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc only")
+def test_release_freed_memory_gives_a_stage_peak_back_to_the_os():
+    out = subprocess.run([sys.executable, "-c", _RELEASE], capture_output=True, text=True, check=True, timeout=120)
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    mib = 2**20
+    assert r["peak"] - r["base"] > 200 * mib, r
+    assert r["kept"] - r["base"] > 200 * mib, r  # keep_freed_memory: freed, still held
+    assert r["released"] is True and r["kept"] - r["after"] > 200 * mib, r
+    assert r["sum"] == 16 * 2**20
