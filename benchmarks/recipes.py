@@ -50,6 +50,7 @@ def run(args) -> list[dict]:
     from farm.config import apply_overrides, load_job_config, read_yaml
     from farm.selection import parse_neuron_selection
     from farm.specialize import neuron_start
+    from farm.task_env import release_freed_memory
     from farm.pipeline import prepare_job
     from farm.recipes import compress_section, resolve_recipe
     from farm.shared_start import SharedStartConfig, distill_shared
@@ -106,6 +107,7 @@ def run(args) -> list[dict]:
             t = time.process_time()
             start = (neuron_start(starts[nid], nid, inp.bank_images, ccfg.specialize,
                                   targets=inp.bank_targets[:, col]) if nid in starts else None)
+            release_freed_memory()  # as farm's neuron tasks do after the specialization
             res = compress_neuron(nid, inp.bank_images, inp.bank_targets[:, col], inp.heldout_images,
                                   inp.heldout_targets[:, col], ccfg, real=real, distilled=start)
             cpu = time.process_time() - t + shared_cpu
