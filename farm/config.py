@@ -99,6 +99,9 @@ class FarmResources:
     teacher_tasks_min_images: a bank of at least this many images gets the teacher's responses as
     Ray tasks, one per bank shard (each with ``num_cpus`` / ``num_gpus``; the teacher goes to the
     object store once); smaller banks run on the driver. 0 = always on the driver.
+    memory_gb: Ray memory (GiB) reserved by each neuron task and each sweep distillation: a node runs
+    no more of them at once than its memory resource holds, instead of Ray's memory monitor killing
+    and retrying them. None = no reservation (tasks limited by CPUs/GPUs only).
     """
 
     num_cpus: float = 1
@@ -110,8 +113,11 @@ class FarmResources:
     address: str | None = None
     local_num_cpus: int | None = None
     object_store_memory: int | None = None
+    memory_gb: float | None = None
 
     def __post_init__(self):
+        if self.memory_gb is not None and not self.memory_gb > 0:
+            raise ValueError(f"memory_gb must be > 0 GiB per task (or null), got {self.memory_gb}")
         for name, low in (("num_cpus", 0), ("num_gpus", 0)):
             if getattr(self, name) < low:
                 raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")

@@ -57,6 +57,11 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
         with _local_auth():
             ray.init(address="local", num_cpus=num_cpus, object_store_memory=object_store_memory,
                      include_dashboard=False, runtime_env=runtime_env, log_to_driver=True)
+    global _started_local
+    _started_local = not address
+
+
+_started_local = False  # this process's Ray is the local instance init_ray started (no node can join)
 
 
 _LOCAL_TOKEN: str | None = None  # this process's token for the local Ray instances it starts
@@ -106,6 +111,25 @@ def _local_auth():
                 os.environ[k] = v
 
 
+def task_memory(memory_gb: float | None) -> dict:
+    """Ray ``.options`` reserving ``memory_gb`` GiB per task ({} for None). Checked against the nodes
+    Ray has now: on local Ray a request no node can hold would wait forever, so it is an error; a
+    cluster may add a larger node (autoscaler), so there it is a warning."""
+    if memory_gb is None:
+        return {}
+    import ray
+
+    want = int(memory_gb * 2**30)
+    have = max((n.get("Resources", {}).get("memory", 0) for n in ray.nodes() if n.get("Alive")), default=0)
+    if want > have:
+        msg = (f"farm.memory_gb = {memory_gb} GiB per task, but the largest Ray node offers "
+               f"{have / 2**30:.1f} GiB of memory: lower farm.memory_gb")
+        if _started_local:
+            raise ValueError(msg)
+        log.warning("%s, or add a node that large (tasks wait until one joins)", msg)
+    return {"memory": want}
+
+
 def init_job_ray(cfg, tracker: Tracker) -> None:
     """Ray for a job config (``farm.*`` resources), its workers logging to the job's store."""
     init_ray(cfg.farm.address, cfg.farm.local_num_cpus, cfg.farm.object_store_memory,
@@ -140,14 +164,14 @@ def run_neurons(neurons: Sequence[str], inputs: NeuronInputs, compress_cfg: dict
                 tracker: Tracker, parent_run_id: str, num_cpus: float = 1, num_gpus: float = 0,
                 max_retries: int = 3, device: str = "auto", register: bool = False,
                 progress: bool = True, on_result: Callable[[dict], None] | None = None,
-                pack: int = 1) -> list[dict]:
+                pack: int = 1, memory_gb: float | None = None) -> list[dict]:
     """One Ray task per neuron (per ``pack`` neurons: one packed distillation each) over shared
-    inputs; results handled as they finish."""
+    inputs, each reserving ``memory_gb`` GiB of Ray memory if given; results handled as they finish."""
     import ray
 
     remote = ray.remote(_neuron_task).options(
         num_cpus=num_cpus, num_gpus=num_gpus, max_retries=max_retries, retry_exceptions=False,
-        name="compress_neuron")
+        name="compress_neuron", **task_memory(memory_gb))
     tracker = tracker.at_home(ray.util.get_node_ip_address())  # tasks on other nodes: Tracker.from_node
     # Every array goes into the object store once; as top-level task arguments Ray hands them to
     # each task zero-copy (numpy arrays are read straight from shared memory).

@@ -374,7 +374,7 @@ def _run_compress_job(cfg: JobConfig, progress: bool, prepared: PreparedJob | No
                            num_cpus=cfg.farm.num_cpus, num_gpus=cfg.farm.num_gpus,
                            max_retries=cfg.farm.max_retries, device=cfg.farm.device,
                            register=cfg.tracking.register_models, progress=progress,
-                           pack=cfg.farm.pack) if todo else []
+                           pack=cfg.farm.pack, memory_gb=cfg.farm.memory_gb) if todo else []
     # Job-level figures over every finished neuron (this run's and earlier runs').
     finished = [r for r in tracker.child_runs(parent, "neuron") if r.info.status == "FINISHED"]
     summary = [_row_from_run(r, prepared) for r in finished]
@@ -426,7 +426,8 @@ def _run_sweep_job(cfg: JobConfig, progress: bool, prepared: PreparedJob | None)
                             seed=cfg.seed, eps=cfg.sweep.eps, search=cfg.sweep.search,
                             num_samples=cfg.sweep.num_samples, max_concurrent=cfg.sweep.max_concurrent,
                             max_failures=cfg.sweep.max_failures, num_cpus=cfg.farm.num_cpus,
-                            num_gpus=cfg.farm.num_gpus, device=cfg.farm.device, progress=progress)
+                            num_gpus=cfg.farm.num_gpus, device=cfg.farm.device, progress=progress,
+                            memory_gb=cfg.farm.memory_gb)
     tracker.end_run(parent, "FINISHED")
     if progress:
         print("\nsweep (per neuron: trials, Pareto front, chosen = smallest with R² >= "

@@ -21,6 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
+from farm.fanout import task_memory
 from farm.neuron_runs import NeuronInputs, log_result, result_metrics
 from farm.task_env import init_task, resolve_device, task_threads
 from farm.tracking import Tracker
@@ -164,7 +165,7 @@ def run_sweep(neurons: Sequence[str], inputs: NeuronInputs, compress_cfg: dict, 
               criteria: Sequence[str], tracker: Tracker, parent_run_id: str, storage_path: str,
               name: str, seed: int = 0, eps: float = 0.02, search: str = "grid", num_samples: int = 1,
               max_concurrent: int = 2, max_failures: int = 2, num_cpus: float = 1, num_gpus: float = 0,
-              device: str = "auto", progress: bool = True) -> list[SweepResult]:
+              device: str = "auto", progress: bool = True, memory_gb: float | None = None) -> list[SweepResult]:
     """Distill each neuron once, then a Tune sweep over (tau, criterion); see the module docstring."""
     import ray
     from ray import tune
@@ -181,7 +182,8 @@ def run_sweep(neurons: Sequence[str], inputs: NeuronInputs, compress_cfg: dict, 
         print(f"sweep: distilling {len(neurons)} neuron(s) once (cached in {cache_dir}) ...", flush=True)
     refs = [ray.put(a) for a in (inputs.bank_images, inputs.bank_targets, inputs.heldout_images,
                                  inputs.heldout_targets, inputs.shared_start)]
-    remote = ray.remote(_distill_task).options(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=3)
+    remote = ray.remote(_distill_task).options(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=3,
+                                               **task_memory(memory_gb))
     infos = {i["neuron_id"]: i for i in ray.get([
         remote.remote(n, list(inputs.neuron_ids), *refs, compress_cfg, seed, cache_dir, device)
         for n in neurons])}

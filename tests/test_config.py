@@ -56,6 +56,7 @@ BAD_OVERRIDES = [  # (override, what the message must name)
     ("compress.recipe=fastest", r"compress: compress.recipe: 'fastest' is not a recipe; choose one of"),
     ("neurons=sim7:x", r"neurons: neuron selection 'sim7:x': 'x' is not an index"),
     ("farm.num_cpus=[1]", r"farm.num_cpus: got \[1\] \(list\), expected a number"),
+    ("farm.memory_gb=0", r"farm: memory_gb must be > 0 GiB per task \(or null\), got 0"),
     ("bank.bank.n_images=0", r"bank.bank: BankConfig.n_images must be >= 1, got 0"),
     ("data.simulate.n_neuron=3", r"data.simulate: unknown key\(s\) \['n_neuron'\].*did you mean 'n_neurons'"),
     ("teacher.kind=ensembel", r"teacher.kind: got 'ensembel' \(str\), expected one of 'ensemble', 'saved'"),

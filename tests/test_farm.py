@@ -288,6 +288,31 @@ def test_packed_tasks_log_one_finished_run_per_neuron(tiny_inputs, local_ray, tm
         run_neurons(neurons, inputs, cfg.compress, 0, tracker, parent, progress=False, pack=0)
 
 
+def test_memory_gb_makes_ray_run_no_more_tasks_than_a_node_holds(tiny_inputs, local_ray, tmp_path):
+    """farm.memory_gb reserves Ray memory per neuron task: two neurons each asking for 60% of the
+    node's memory run one after the other although 2 CPUs are free; a request larger than any node
+    fails before any work (on local Ray no bigger node can join)."""
+    inputs, cfg, base = tiny_inputs
+    tracker = Tracker.open(f"sqlite:///{_store(tmp_path, base)}", "memory")
+    parent = tracker.start_job("memory-job")
+    node_gb = max(n["Resources"].get("memory", 0) for n in local_ray.nodes() if n["Alive"]) / 2**30
+    neurons = list(inputs.neuron_ids)[:2]
+
+    with pytest.raises(ValueError, match=r"farm.memory_gb = .* GiB per task, but the largest Ray node"):
+        run_neurons(neurons, inputs, cfg.compress, 0, tracker, parent, progress=False, memory_gb=2 * node_gb)
+    assert neuron_children(tracker, parent) == []
+
+    rows = run_neurons(neurons, inputs, cfg.compress, 0, tracker, parent, progress=False,
+                       memory_gb=0.6 * node_gb)
+    assert all(r["status"] == "FINISHED" for r in rows), rows
+    # a child run is logged when its task ends; the row's seconds say when the task's work began
+    seconds = {r["neuron_id"]: r["seconds"] for r in rows}
+    spans = sorted((r.info.end_time / 1e3 - seconds[r.data.tags[TAG_NEURON]], r.info.end_time / 1e3)
+                   for r in neuron_children(tracker, parent, "FINISHED"))
+    (_, first_end), (second_start, _) = spans
+    assert second_start >= first_end - 0.5, f"the two tasks overlapped: {spans}"
+
+
 def test_a_task_leaves_other_neurons_in_flight_runs_alone(tiny_inputs, tmp_path):
     """A task checks only its own neuron's earlier runs: another neuron's run that is still being
     logged (RUNNING) must not be marked KILLED under it."""
