@@ -13,6 +13,18 @@ _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 _kept = False
 
 
+def _glibc(name: str, argtypes: list):
+    """glibc's function ``name`` (None off Linux or where the C library lacks it: musl and others)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = argtypes, ctypes.c_int
+    return fn
+
+
 def keep_freed_memory() -> bool:
     """Make glibc's malloc keep the memory torch frees, for the next tensor, instead of giving it back to
     the OS. By default every tensor over the mmap threshold (at most 32 MiB; a wide batch's activations
@@ -25,14 +37,9 @@ def keep_freed_memory() -> bool:
     global _kept
     if _kept:
         return True
-    if not sys.platform.startswith("linux"):
+    mallopt = _glibc("mallopt", [ctypes.c_int, ctypes.c_int])
+    if mallopt is None:  # keep the default
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # musl and others: keep the default
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     _kept = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
     return _kept
 
@@ -45,14 +52,8 @@ def release_freed_memory() -> bool:
     specialization, and Ray's memory monitor killed a neuron task at 95% of 23.5 GB. What is in use is
     untouched; the next allocation grows the heap again (page faults once per stage, not per batch).
     True when memory was released; False off glibc or when there was none to release."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return False
-    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-    return bool(trim(0))
+    trim = _glibc("malloc_trim", [ctypes.c_size_t])
+    return trim is not None and bool(trim(0))
 
 
 def task_threads() -> int:
