@@ -111,6 +111,7 @@ def finish(inp, neuron: str, variants: list[str], threads: int, start_variant: s
     from farm.compress import CompressConfig, compress_neuron
     from farm.config import load_job_config
     from farm.distill import predict, squared_pearson
+    from farm.metrics import evaluate_predictions
     from farm.models.compact import CompactModel, CompactSpec
     from farm.neuron_runs import _real_data
     from farm.specialize import neuron_start
@@ -132,8 +133,14 @@ def finish(inp, neuron: str, variants: list[str], threads: int, start_variant: s
         start_cpu = time.process_time() - cpu0
         cache.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"spec": start.spec.to_dict(), "state_dict": start.state_dict(), "cpu_s": start_cpu}, cache)
-    print(f"start ({start_variant or 'as configured'}): {start_cpu:.0f} CPU-s, params {start.spec.param_count():,}, "
-          f"R² to the teacher {squared_pearson(inp.heldout_targets[:, col], predict(start, inp.heldout_images)):.3f}\n"
+        from farm.task_env import release_freed_memory
+
+        release_freed_memory()  # the specialization's activations, as the farm task does
+    real = _real_data(inp, neuron)
+    start_raw = evaluate_predictions(real.responses[None], predict(start, real.images)[None], False)["r2_raw"][0]
+    print(f"{neuron} start ({start_variant or 'as configured'}): {start_cpu:.0f} CPU-s, params "
+          f"{start.spec.param_count():,}, filters {'-'.join(map(str, start.spec.filters))}, R² to the teacher "
+          f"{squared_pearson(inp.heldout_targets[:, col], predict(start, inp.heldout_images)):.3f}, raw R² {start_raw:.3f}\n"
           "| variant | R² to teacher distilled / pruned / final | raw R² | params | filters | CPU-s (prune+retrain) |\n"
           "|---|---|---|---|---|---|", flush=True)
     for v in variants:
@@ -141,19 +148,21 @@ def finish(inp, neuron: str, variants: list[str], threads: int, start_variant: s
         vc = CompressConfig.for_seed(vcfg.compress, vcfg.seed)
         cpu0 = time.process_time()
         r = compress_neuron(neuron, inp.bank_images, inp.bank_targets[:, col], inp.heldout_images,
-                            inp.heldout_targets[:, col], vc, real=_real_data(inp, neuron), threads=threads,
+                            inp.heldout_targets[:, col], vc, real=real, threads=threads,
                             distilled=start)
         cpu = time.process_time() - cpu0
         pr = "-" if r.r2_teacher_pruned is None else f"{r.r2_teacher_pruned:.3f}"
-        print(f"| {v or 'as configured'} | {r.r2_teacher_distilled:.3f} / {pr} / {r.r2_teacher_heldout:.3f} | "
+        print(f"| {neuron} {v or 'as configured'} | {r.r2_teacher_distilled:.3f} / {pr} / {r.r2_teacher_heldout:.3f} | "
               f"{r.r2_raw:.3f} | {r.param_count:,} | {'-'.join(map(str, r.filters))} | {cpu:.0f} |", flush=True)
 
 
 def ceilings(inp, selection: str) -> None:
-    """R² to the teacher (held-out bank images) of the published shared models' slices at K = 5..50
-    early filters and of the paper's published per-neuron compact models (distilled from ITS
-    ensemble, not from this teacher): what a start, and a model of the paper's size, can reach."""
+    """R² to the teacher (held-out bank images) and raw R² on 190923's second half of the published
+    shared models' slices at K = 5..50 early filters, of the teacher itself (K = 200) and of the
+    paper's published per-neuron compact models (distilled from ITS ensemble, not from this teacher):
+    what a start, and a model of the paper's size, can reach."""
     from farm.distill import predict, squared_pearson
+    from farm.metrics import evaluate_predictions
     from farm.models.compact import output_slice
     from farm.models.published import load_published_session
     from farm.selection import parse_neuron_selection
@@ -161,19 +170,28 @@ def ceilings(inp, selection: str) -> None:
 
     neurons = parse_neuron_selection(selection, inp.neuron_ids)
     cols = [inp.neuron_ids.index(n) for n in neurons]
+    rd = inp.real["190923"]
+    resp = np.stack([rd["responses"][rd["neuron_ids"].index(n)] for n in neurons])
+    resp = np.nanmean(resp, axis=-1) if resp.ndim == 3 else resp
 
-    def row(what, models):
-        r2 = [squared_pearson(inp.heldout_targets[:, c], predict(m, inp.heldout_images)) for m, c in zip(models, cols)]
-        params = [m.spec.param_count() for m in models]
-        print(f"| {what} | {np.median(r2):.3f} | {' '.join(f'{v:.3f}' for v in r2)} | {int(np.median(params)):,} |",
-              flush=True)
+    def row(what, held, real, params):  # held (M, n) / real (R, n): predictions for ``neurons``
+        r2 = [squared_pearson(inp.heldout_targets[:, c], held[:, j]) for j, c in enumerate(cols)]
+        raw = evaluate_predictions(resp, real.T, False)["r2_raw"]
+        print(f"| {what} | {np.median(r2):.3f} | {np.median(raw):.3f} | {' '.join(f'{v:.3f}' for v in raw)} | "
+              f"{int(np.median(params)):,} |", flush=True)
 
-    print(f"| start | median R² to teacher ({len(neurons)} neurons) | per neuron | median params |\n|---|---|---|---|")
-    for k in (5, 10, 25, 35, 50):
-        shared = load_shared_start(SHARED.format(k=k), neurons)
-        row(f"slice of the published shared model, K={k}", [output_slice(shared, n) for n in neurons])
+    print(f"| start | median R² to teacher ({len(neurons)} neurons) | median raw R² | raw R² per neuron | "
+          "median params |\n|---|---|---|---|---|")
+    for k in (5, 10, 25, 35, 50, 200):
+        shared = load_shared_start(SHARED.format(k=k), neurons)  # one pass: its outputs are all neurons'
+        idx = [shared.spec.neuron_ids.index(n) for n in neurons]
+        held, real = predict(shared, inp.heldout_images)[:, idx], predict(shared, rd["images"])[:, idx]
+        row(f"slice of the published shared model, K={k}" + (" (the teacher)" if k == 200 else ""), held, real,
+            [output_slice(shared, neurons[0]).spec.param_count()])
     published = {f"190923:{i}": m for i, m in enumerate(load_published_session("../shared/models/published", "190923"))}
-    row("published per-neuron compact model", [published[n] for n in neurons])
+    models = [published[n] for n in neurons]
+    row("published per-neuron compact model", np.stack([predict(m, inp.heldout_images) for m in models], 1),
+        np.stack([predict(m, rd["images"]) for m in models], 1), [m.spec.param_count() for m in models])
 
 
 if __name__ == "__main__":
