@@ -128,7 +128,13 @@ def finish(inp, neuron: str, variants: list[str], threads: int, start_variant: s
         start_cpu = blob["cpu_s"]
     else:
         cpu0 = time.process_time()
-        start = neuron_start(inp.shared_start, neuron, inp.bank_images, cfg.specialize,
+        shared = inp.shared_start  # the configured shared model, or the one start_variant names
+        if cfg.shared is not None and cfg.shared.path and Path(cfg.shared.path) != Path(load_job_config(
+                "v4_190923").compress.shared.path):
+            from farm.shared_start import load_shared_start
+
+            shared = load_shared_start(cfg.shared.path, [neuron])
+        start = neuron_start(shared, neuron, inp.bank_images, cfg.specialize,
                              targets=inp.bank_targets[:, col])
         start_cpu = time.process_time() - cpu0
         cache.parent.mkdir(parents=True, exist_ok=True)
