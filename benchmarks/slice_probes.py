@@ -128,12 +128,9 @@ def finish(inp, neuron: str, variants: list[str], threads: int, start_variant: s
         start_cpu = blob["cpu_s"]
     else:
         cpu0 = time.process_time()
-        shared = inp.shared_start  # the configured shared model, or the one start_variant names
-        if cfg.shared is not None and cfg.shared.path and Path(cfg.shared.path) != Path(load_job_config(
-                "v4_190923").compress.shared.path):
-            from farm.shared_start import load_shared_start
+        from farm.shared_start import load_shared_start
 
-            shared = load_shared_start(cfg.shared.path, [neuron])
+        shared = load_shared_start(cfg.shared.path, [neuron])  # the config's, or the one start_variant names
         start = neuron_start(shared, neuron, inp.bank_images, cfg.specialize,
                              targets=inp.bank_targets[:, col])
         start_cpu = time.process_time() - cpu0
@@ -177,8 +174,7 @@ def ceilings(inp, selection: str) -> None:
     neurons = parse_neuron_selection(selection, inp.neuron_ids)
     cols = [inp.neuron_ids.index(n) for n in neurons]
     rd = inp.real["190923"]
-    resp = np.stack([rd["responses"][rd["neuron_ids"].index(n)] for n in neurons])
-    resp = np.nanmean(resp, axis=-1) if resp.ndim == 3 else resp
+    resp = np.stack([rd["responses"][rd["neuron_ids"].index(n)] for n in neurons])  # averaged if raw
 
     def row(what, held, real, params):  # held (M, n) / real (R, n): predictions for ``neurons``
         r2 = [squared_pearson(inp.heldout_targets[:, c], held[:, j]) for j, c in enumerate(cols)]
