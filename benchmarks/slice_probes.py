@@ -101,7 +101,8 @@ def main(argv=None):
 
 def finish(inp, neuron: str, variants: list[str], threads: int, start_variant: str = "") -> None:
     """The farm task's own path for one neuron (configs/v4_190923.yaml): its specialized start
-    (``neuron_start``, with the compress.* overrides ``start_variant``; cached under
+    (``neuron_start``, with the compress.* overrides ``start_variant``, from the shared model's layer-2
+    activations of the bank computed once for all neurons as the farm job does; cached under
     farm_runs/probes/ by the job id they give), then ``compress_neuron`` from it under each variant of
     the compress section (with ``start_variant`` too); one markdown row per variant."""
     import time
@@ -130,10 +131,23 @@ def finish(inp, neuron: str, variants: list[str], threads: int, start_variant: s
         cpu0 = time.process_time()
         from farm.shared_start import load_shared_start
 
-        shared = load_shared_start(cfg.shared.path, [neuron])  # the config's, or the one start_variant names
+        shared = load_shared_start(cfg.shared.path, inp.neuron_ids)  # the config's, or the one start_variant names
+        early = None
+        if cfg.specialize is not None:  # as the farm job: the layer-2 activations once for all neurons
+            from farm.shared_features import early_key, load_early_features, save_early_features
+
+            flip = cfg.specialize.flip
+            fpath = Path("farm_runs/probes") / f"early_{early_key(shared, inp.bank_images, flip)}.npy"
+            if not fpath.is_file():
+                finfo = save_early_features(shared, inp.bank_images, fpath, flip=flip)
+                print(f"layer-2 activations of the bank, once for all {len(inp.neuron_ids)} neurons: "
+                      f"{finfo['cpu_seconds']:.0f} CPU-s", flush=True)
+            early = load_early_features(fpath, len(inp.bank_images), flip, shared)
+        cpu0 = time.process_time()
         start = neuron_start(shared, neuron, inp.bank_images, cfg.specialize,
-                             targets=inp.bank_targets[:, col])
+                             targets=inp.bank_targets[:, col], early=early)
         start_cpu = time.process_time() - cpu0
+        del early
         cache.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"spec": start.spec.to_dict(), "state_dict": start.state_dict(), "cpu_s": start_cpu}, cache)
         from farm.task_env import release_freed_memory
@@ -144,8 +158,9 @@ def finish(inp, neuron: str, variants: list[str], threads: int, start_variant: s
     print(f"{neuron} start ({start_variant or 'as configured'}): {start_cpu:.0f} CPU-s, params "
           f"{start.spec.param_count():,}, filters {'-'.join(map(str, start.spec.filters))}, R² to the teacher "
           f"{squared_pearson(inp.heldout_targets[:, col], predict(start, inp.heldout_images)):.3f}, raw R² {start_raw:.3f}\n"
-          "| variant | R² to teacher distilled / pruned / final | raw R² | params | filters | CPU-s (prune+retrain) |\n"
-          "|---|---|---|---|---|---|", flush=True)
+          "| variant | R² to teacher distilled / pruned / final | raw R² | params | filters | CPU-s (prune+retrain) "
+          "| wall s: prune (with its retrains) / retrain |\n"
+          "|---|---|---|---|---|---|---|", flush=True)
     for v in variants:
         vcfg = load_job_config("v4_190923", start_sets + [f"compress.{o}" for o in v.split()])
         vc = CompressConfig.for_seed(vcfg.compress, vcfg.seed)
@@ -156,7 +171,8 @@ def finish(inp, neuron: str, variants: list[str], threads: int, start_variant: s
         cpu = time.process_time() - cpu0
         pr = "-" if r.r2_teacher_pruned is None else f"{r.r2_teacher_pruned:.3f}"
         print(f"| {neuron} {v or 'as configured'} | {r.r2_teacher_distilled:.3f} / {pr} / {r.r2_teacher_heldout:.3f} | "
-              f"{r.r2_raw:.3f} | {r.param_count:,} | {'-'.join(map(str, r.filters))} | {cpu:.0f} |", flush=True)
+              f"{r.r2_raw:.3f} | {r.param_count:,} | {'-'.join(map(str, r.filters))} | {cpu:.0f} | "
+              f"{r.timings['prune_s']:.0f} / {r.timings['retrain_s']:.0f} |", flush=True)
 
 
 def ceilings(inp, selection: str) -> None:

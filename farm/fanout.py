@@ -177,7 +177,7 @@ def run_neurons(neurons: Sequence[str], inputs: NeuronInputs, compress_cfg: dict
     # each task zero-copy (numpy arrays are read straight from shared memory).
     refs = [ray.put(a) for a in (inputs.bank_images, inputs.bank_targets, inputs.heldout_images,
                                  inputs.heldout_targets, inputs.real or {}, inputs.ground_truth_heldout,
-                                 inputs.shared_start, inputs.teacher_real or {})]
+                                 inputs.shared_start, inputs.teacher_real or {}, inputs.shared_features)]
     ids = list(inputs.neuron_ids)
     if int(pack) < 1:
         raise ValueError(f"farm.pack must be >= 1 (neurons per task), got {pack}")
@@ -232,13 +232,13 @@ def gather(pending: dict, desc: str, unit: str, progress: bool = True,
 
 
 def _neuron_task(group, neuron_ids, bank_images, bank_targets, heldout_images, heldout_targets,
-                 real, ground_truth_heldout, shared_start, teacher_real, compress_cfg, seed, tracker,
-                 parent_run_id, device, register):
+                 real, ground_truth_heldout, shared_start, teacher_real, shared_features, compress_cfg, seed,
+                 tracker, parent_run_id, device, register):
     import ray
 
     tracker = tracker.from_node(ray.util.get_node_ip_address())  # before any work: a wrong store fails now
     inputs = NeuronInputs(neuron_ids, bank_images, bank_targets, heldout_images, heldout_targets,
-                          real, ground_truth_heldout, shared_start, teacher_real)
+                          real, ground_truth_heldout, shared_start, teacher_real, shared_features)
     return compress_group_and_log(group, inputs, compress_cfg, seed, tracker, parent_run_id, device, register)
 
 

@@ -38,6 +38,8 @@ class NeuronInputs:
         "shared" recipe's stage 1): each neuron starts from its slice instead of a fresh student.
     teacher_real: optional {neuron id: {"teacher_r2_er" or "teacher_r2_raw": value}}, the teacher's
         score on the same recorded images as the compact model's, logged next to it.
+    shared_features: optional {"path", "flip", "n_images"}: the shared student's layer-2 activations of
+        bank_images in a file (``farm.shared_features``), memory-mapped by each specialization.
     """
 
     neuron_ids: list
@@ -49,6 +51,18 @@ class NeuronInputs:
     ground_truth_heldout: Any = None
     shared_start: Any = None
     teacher_real: dict = field(default_factory=dict)
+    shared_features: Any = None
+
+    def early_features(self, specialize):
+        """The memory-mapped layer-2 activations for a specialization with ``specialize`` (a
+        SpecializeConfig), or None when there are none for it (then it computes its own)."""
+        f = self.shared_features
+        if not f or specialize is None or bool(specialize.flip) != bool(f["flip"]) \
+                or int(f["n_images"]) != len(self.bank_images):
+            return None
+        from farm.shared_features import load_early_features
+
+        return load_early_features(f["path"], len(self.bank_images), bool(f["flip"]), self.shared_start)
 
 
 def neuron_params(neuron_id: str, compress_cfg: "dict | CompressConfig", seed: int) -> dict:
@@ -197,13 +211,14 @@ def compress_group_and_log(neuron_ids: Sequence[str], inputs: NeuronInputs, comp
     results = []
     if todo and inputs.shared_start is not None:  # each neuron from its slice of the shared student
         cfg = CompressConfig.for_seed(compress_cfg, seed)
+        early = inputs.early_features(cfg.specialize)
         kept = []
         for n in todo:
             try:
                 col = inputs.neuron_ids.index(n)
                 cpu0, wall0 = time.process_time(), time.perf_counter()
                 start = neuron_start(inputs.shared_start, n, inputs.bank_images, cfg.specialize,
-                                     targets=inputs.bank_targets[:, col])
+                                     targets=inputs.bank_targets[:, col], early=early)
                 start_s = time.perf_counter() - wall0
                 release_freed_memory()  # the specialization's activations: the peak of the task
                 result = compress_neuron(

@@ -258,6 +258,9 @@ def prepare_job(cfg: JobConfig, tracker: Tracker | None = None, progress: bool =
     inputs = NeuronInputs(list(teacher.neuron_ids), images[train_idx], targets[train_idx],
                           images[held_idx], targets[held_idx], real, gt, teacher_real=teacher_real)
     inputs.shared_start, shared_info = prepare_shared_start(cfg, inputs, f"{tinfo['teacher_id']}|{resp.bank_id}")
+    inputs.shared_features, features_info = prepare_shared_features(cfg, inputs)
+    if features_info:
+        shared_info = {**shared_info, "early_features": features_info}
     bank_id = resp.bank_id
     del images, targets, resp
     release_freed_memory()  # the teacher's passes over the bank and the copies above: not the driver's to keep
@@ -309,6 +312,46 @@ def prepare_shared_start(cfg: JobConfig, inputs: NeuronInputs, source_id: str):
         print(f"shared student: {res.seconds:.0f} s, median R² to the teacher on held-out images "
               f"{float(np.median(r2)):.3f}", flush=True)
     return res.model, info
+
+
+def prepare_shared_features(cfg: JobConfig, inputs: NeuronInputs):
+    """With a shared student and ``compress.specialize``: its layer-2 activations of the bank images
+    (and their mirrors with ``specialize.flip``), the same for every neuron's specialization, computed
+    once and cached under ``out_dir/shared_features`` keyed by their content (``farm.shared_features``).
+    Returns ({"path", "flip", "n_images"}, info) for the neuron tasks, or (None, {})."""
+    from farm.compress import CompressConfig
+    from farm.files import write_text_atomic
+    from farm.shared_features import early_key, save_early_features
+
+    ccfg = CompressConfig.from_dict(cfg.compress)
+    if inputs.shared_start is None or ccfg.specialize is None:
+        return None, {}
+    flip = bool(ccfg.specialize.flip)
+    d = Path(cfg.out_dir).resolve() / "shared_features" / early_key(inputs.shared_start, inputs.bank_images, flip)
+    ref = {"path": str(d / "early.npy"), "flip": flip, "n_images": len(inputs.bank_images)}
+    if (d / "early.json").is_file() and (d / "early.npy").is_file():
+        return ref, json.loads((d / "early.json").read_text())
+    threads = max(1, int(cfg.farm.local_num_cpus or os.cpu_count() or 1))
+    torch_threads = _set_threads(threads)
+    n = len(inputs.bank_images) * (2 if flip else 1)
+    print(f"shared student's layer-2 activations of {n:,} bank images{' and mirrors' if flip else ''}, once for "
+          f"all neurons ({threads} threads) ...", flush=True)
+    try:
+        info = save_early_features(inputs.shared_start, inputs.bank_images, d / "early.npy", flip=flip)
+    finally:
+        _set_threads(torch_threads)
+    write_text_atomic(d / "early.json", json.dumps(info, indent=1))  # the marker last
+    print(f"layer-2 activations: {info['seconds']:.0f} s, {d / 'early.npy'}", flush=True)
+    return ref, info
+
+
+def _set_threads(n: int) -> int:
+    """Set torch's intra-op threads to ``n``; returns the previous number."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(int(n))
+    return old
 
 
 # -- the jobs ---------------------------------------------------------------------------------------
@@ -471,6 +514,8 @@ def _shared_metrics(prepared: PreparedJob) -> dict:
     if "cpu_seconds" in info:
         out["shared_cpu_seconds"] = info["cpu_seconds"]
         out["shared_cpu_seconds_per_neuron"] = info["cpu_seconds"] / max(1, len(info.get("neuron_ids") or [1]))
+    if "early_features" in info:  # their cost, once for all neurons (a cached copy costs no more)
+        out["shared_features_cpu_seconds"] = info["early_features"]["cpu_seconds"]
     if info.get("r2_teacher_heldout"):
         out["shared_median_r2_teacher_heldout"] = float(np.median(info["r2_teacher_heldout"]))
     return out

@@ -78,26 +78,28 @@ class SpecializeConfig:
 
 
 def neuron_start(shared: CompactModel, neuron_id: str, images: np.ndarray,
-                 config: "SpecializeConfig | None" = None, targets: np.ndarray | None = None) -> CompactModel:
+                 config: "SpecializeConfig | None" = None, targets: np.ndarray | None = None,
+                 early: torch.Tensor | None = None) -> CompactModel:
     """A neuron's start from a shared student: its exact slice, or with ``config`` its specialized
-    model (``specialize``; ``targets``: the teacher's responses to ``images``, for ``tune_passes``)."""
+    model (``specialize``; ``targets``: the teacher's responses to ``images``, for ``tune_passes``;
+    ``early``: the shared student's layer-2 activations of ``images``, computed once for all neurons,
+    ``farm.shared_features``)."""
     if config is None:
         return output_slice(shared, neuron_id)
-    return specialize(shared, neuron_id, images, config, targets=targets)[0]
+    return specialize(shared, neuron_id, images, config, targets=targets, early=early)[0]
 
 
 @torch.no_grad()
 def _activations(model: CompactModel, images: np.ndarray, through: int, batch_size: int, head=None,
-                 flip: bool = False, channels_last: bool = False) -> torch.Tensor:
+                 flip: bool = False, channels_last: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
     """Layer ``through``'s activations (then ``head`` of them), batch by batch, float32 CPU: of the
     images, then (``flip``) of their left-right mirrors, (2N, ...). Written into one tensor made
-    up front (``channels_last``: in that layout), so the peak is the result itself: a 24,000-image
-    bank's mirrored layer-2 activations are 3.7 GB, and a list of batches joined at the end, then
-    copied to channels-last, held three times that."""
+    up front (``channels_last``: in that layout; ``out``: that tensor, e.g. a view of a memory-mapped
+    file), so the peak is the result itself: a 24,000-image bank's mirrored layer-2 activations are
+    3.7 GB, and a list of batches joined at the end, then copied to channels-last, held three times that."""
     model.eval()
     dev = next(model.parameters()).device
     n = len(images)
-    out = None
     for view in ((False, True) if flip else (False,)):
         for s in range(0, n, batch_size):
             batch = images[s:s + batch_size]
@@ -142,14 +144,16 @@ def neuron_map(model: CompactModel, index: int, images: np.ndarray, batch_size: 
 def specialize(shared: CompactModel, neuron_id: str, images: np.ndarray,
                config: SpecializeConfig | None = None, target: CompactModel | None = None,
                target_map: torch.Tensor | None = None,
-               targets: np.ndarray | None = None) -> tuple[CompactModel, dict]:
+               targets: np.ndarray | None = None, early: torch.Tensor | None = None) -> tuple[CompactModel, dict]:
     """The neuron's compact model (``config.readout``: dense or factorized) with its own narrow layers
     3-4 (see the module docstring).
     ``target``: another factorized model with this output (e.g. a shared-compact TEACHER) whose map
     and spatial readout are fitted instead of ``shared``'s own (``target_map``: its precomputed map
     on ``images``). ``targets``: the teacher's responses (N,) to ``images``, needed with
-    ``config.tune_passes``. Returns (model in eval mode on CPU, info: seconds, map_r2 = weighted R²
-    of the fitted map)."""
+    ``config.tune_passes``. ``early``: ``shared``'s layer-2 activations of ``images`` (then of their
+    mirrors with ``config.flip``), (N or 2N, K2, R, R), computed once for all neurons
+    (``farm.shared_features``); default: computed here. Returns (model in eval mode on CPU, info: seconds, map_r2 = weighted R²
+    of the fitted map, wall seconds of its parts: early_s, target_map_s, map_fit_s, tune_s)."""
     config = config or SpecializeConfig()
     n_images = len(images)
     if config.tune_passes:
@@ -177,10 +181,19 @@ def specialize(shared: CompactModel, neuron_id: str, images: np.ndarray,
     images = np.asarray(images)
     if config.flip and target_map is not None:  # the model is not mirror-symmetric: its map of the mirrors
         target_map = torch.cat([target_map.float(), neuron_map(target, index, images[:, :, ::-1])])
-    a2 = _early(shared, images, flip=config.flip)  # (2N with the mirrors, K2, R, R)
+    if early is None:
+        a2 = _early(shared, images, flip=config.flip)  # (2N with the mirrors, K2, R, R)
+    else:
+        want = (n_images * (2 if config.flip else 1), spec.filters[2], *shared.spatial.shape[1:])
+        if tuple(early.shape) != want:
+            raise ValueError(f"specialize: early activations {tuple(early.shape)} != {want} (the shared "
+                             f"model's layer 2 on {n_images} images{' and their mirrors' if config.flip else ''})")
+        a2 = early
+    t_early = time.perf_counter()
     if target_map is None:  # the shared model's own map: from the early activations just computed
         target_map = (_late_map(shared, index, a2) if target is shared
                       else neuron_map(target, index, images, flip=config.flip))
+    t_map = time.perf_counter()
     target_map = target_map.float()
     if target_map.shape[1:] != shared.spatial.shape[1:]:
         raise ValueError(f"specialize: target map {tuple(target_map.shape[1:])} != shared model's "
@@ -203,6 +216,7 @@ def specialize(shared: CompactModel, neuron_id: str, images: np.ndarray,
 
     _fit_cosine(_late_params(model) + list(mix.parameters()), map_loss, n, config.passes, config.batch_size,
                 config.lr, config.seed)
+    t_fit = time.perf_counter()
     model.eval()
     with torch.no_grad():
         # BN statistics of the new layers as plain averages over the images (train-mode batches)
@@ -230,9 +244,12 @@ def specialize(shared: CompactModel, neuron_id: str, images: np.ndarray,
             model.mixing.bias.copy_((sd * mix.bias.detach() + mu).reshape(1))
             model.spatial.copy_(s_map[None])
             model.spatial_bias.copy_(src["spatial_bias"][index].float().cpu().reshape(1))
-    info = {"map_r2": float(1 - resid)}
+    info = {"map_r2": float(1 - resid), "early_s": t_early - t0, "target_map_s": t_map - t_early,
+            "map_fit_s": t_fit - t_map}
     if config.tune_passes:
+        t = time.perf_counter()
         info["tune_train_r2"] = _tune(model, a2[:n_images], targets, config)
+        info["tune_s"] = time.perf_counter() - t
     model = model.to(memory_format=torch.contiguous_format)
     return model.eval(), {"seconds": time.perf_counter() - t0, **info}
 

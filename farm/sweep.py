@@ -72,7 +72,7 @@ def distill_cached(neuron_id: str, inputs: NeuronInputs, compress_cfg: dict, see
         from farm.specialize import neuron_start
 
         model = neuron_start(inputs.shared_start, neuron_id, inputs.bank_images, cfg.specialize,
-                             targets=inputs.bank_targets[:, col])
+                             targets=inputs.bank_targets[:, col], early=inputs.early_features(cfg.specialize))
     else:
         model = distill_neuron(neuron_id, inputs.bank_images, inputs.bank_targets[:, col], cfg,
                                device=resolve_device(device), threads=task_threads())
@@ -181,7 +181,7 @@ def run_sweep(neurons: Sequence[str], inputs: NeuronInputs, compress_cfg: dict, 
     if progress:
         print(f"sweep: distilling {len(neurons)} neuron(s) once (cached in {cache_dir}) ...", flush=True)
     refs = [ray.put(a) for a in (inputs.bank_images, inputs.bank_targets, inputs.heldout_images,
-                                 inputs.heldout_targets, inputs.shared_start)]
+                                 inputs.heldout_targets, inputs.shared_start, inputs.shared_features)]
     remote = ray.remote(_distill_task).options(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=3,
                                                **task_memory(memory_gb))
     infos = {i["neuron_id"]: i for i in ray.get([
@@ -267,7 +267,7 @@ def run_sweep(neurons: Sequence[str], inputs: NeuronInputs, compress_cfg: dict, 
 
 
 def _distill_task(neuron_id, neuron_ids, bank_images, bank_targets, heldout_images, heldout_targets,
-                  shared_start, compress_cfg, seed, cache_dir, device):
+                  shared_start, shared_features, compress_cfg, seed, cache_dir, device):
     inputs = NeuronInputs(neuron_ids, bank_images, bank_targets, heldout_images, heldout_targets,
-                          shared_start=shared_start)
+                          shared_start=shared_start, shared_features=shared_features)
     return distill_cached(neuron_id, inputs, compress_cfg, seed, cache_dir, device)

@@ -709,6 +709,11 @@ def test_the_v4_190923_config_compresses_real_neurons(tiny_base, local_ray, tmp_
         assert run.data.params["recipe"] == "shared" and all(k <= 25 for k in model.spec.filters[:3])
         assert model.spec.readout == "factorized" and model.spec.filters[3] <= 64 and model.spec.filters[4] <= 16
         assert "teacher_r2_raw" in m
+    # the published model's layer-2 activations of the 300 bank images and their mirrors: computed
+    # once for both neurons, in one file, their cost on the job run
+    feats = list((tmp_path / "out" / "shared_features").glob("*/early.json"))
+    assert len(feats) == 1 and json.loads(feats[0].read_text())["shape"] == [600, 28, 28, 25]
+    assert tracker.client.get_run(result.parent_run_id).data.metrics["shared_features_cpu_seconds"] > 0
 
 
 # -- teacher responses as Ray tasks over bank shards -------------------------------------------------

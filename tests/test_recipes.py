@@ -237,6 +237,40 @@ def test_mirrored_activations_are_those_of_the_mirrored_images(sim, shared6):
                                           neuron_map(shared6, 2, mirrored, batch_size=16)]), rtol=0, atol=0)
 
 
+def test_early_features_computed_once_in_a_file_give_the_same_specialization(sim, shared6, tmp_path):
+    """farm.shared_features: the shared student's layer-2 activations of the images and their mirrors,
+    written once to a .npy file and memory-mapped, are what specialize computes itself, and a
+    specialization from them is the same model; a file of the wrong shape is refused by name."""
+    from farm.shared_features import early_key, load_early_features, save_early_features
+    from farm.specialize import SpecializeConfig, _early, specialize
+
+    x = sim["x"][:600]
+    path = tmp_path / "feat" / "early.npy"
+    info = save_early_features(shared6, x, path, flip=True)
+    r = shared6.spatial.shape[-1]
+    assert info["shape"] == [1200, r, r, 6] and path.is_file() and list(path.parent.iterdir()) == [path]
+    a2 = load_early_features(path, 600, True, shared6)
+    own = _early(shared6, x, flip=True)
+    assert a2.shape == own.shape == (1200, 6, r, r) and torch.equal(a2, own)
+    assert a2.is_contiguous(memory_format=torch.channels_last)
+    cfg = SpecializeConfig(late_filters=(6, 3), passes=2, flip=True, readout="factorized", tune_passes=1)
+    nid = sim["ids"][2]
+    a, ainfo = specialize(shared6, nid, x, cfg, targets=sim["y"][:600, 2])
+    b, binfo = specialize(shared6, nid, x, cfg, targets=sim["y"][:600, 2], early=a2)
+    assert np.allclose(predict(a, sim["hx"]), predict(b, sim["hx"]), atol=1e-5)
+    assert binfo["early_s"] < ainfo["early_s"]
+    with pytest.raises(ValueError, match="early activations"):
+        specialize(shared6, nid, x[:300], cfg, targets=sim["y"][:300, 2], early=a2)
+    with pytest.raises(ValueError, match=rf"early\.npy: early features of shape \(1200, {r}, {r}, 6\)"):
+        load_early_features(path, 600, False, shared6)
+    with pytest.raises(ValueError, match="not a readable"):
+        load_early_features(tmp_path / "missing.npy", 600, True, shared6)
+    # the cache key follows the weights, the images and the mirroring
+    key = early_key(shared6, x, True)
+    assert key == early_key(shared6, x.copy(), True) != early_key(shared6, x, False)
+    assert key != early_key(shared6, x[::-1].copy(), True)
+
+
 def test_specialize_keeps_the_factorized_readout_and_tunes_to_the_teachers_responses(sim, shared6):
     """``readout: factorized`` fits as well as the dense readout with K4-fold fewer readout weights; ``tune_passes`` then fits the late layers and readout to the teacher's scalar
     responses (here the true rates, which the shared student only approximates) and gets closer to
