@@ -124,12 +124,19 @@ def _early(shared: CompactModel, images: np.ndarray, batch_size: int = 128, flip
 
 @torch.no_grad()
 def _late_map(model: CompactModel, index: int, a2: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """``neuron_map`` from layer-2 activations ``a2`` already computed (layers 3-4 and the mixing only)."""
+    """``neuron_map`` from layer-2 activations ``a2`` already computed (layers 3-4 and the mixing only).
+    Written into one tensor made up front: joining a list of per-batch maps at the end, with
+    ``farm.task_env.keep_freed_memory`` (a farm task's allocator), grew the heap by 14 GB in 2 of 4
+    runs over the 46,800 maps of configs/v4_190923_k35.yaml; this way by at most 0.9 GB in 8 of 8
+    (``benchmarks/late_map_heap.py``; benchmarks/README.md "The 35-filter start over all 33 neurons")."""
     model.eval()
     w, b = model.mixing.weight[index:index + 1], model.mixing.bias[index:index + 1]
     dev = w.device
-    return torch.cat([torch.nn.functional.conv2d(model.layer_act(4, model.layer_act(3, a2[s:s + batch_size].to(dev))),
-                                                 w, b)[:, 0].float().cpu() for s in range(0, len(a2), batch_size)])
+    out = torch.empty((len(a2), *a2.shape[2:]), dtype=torch.float32)
+    for s in range(0, len(a2), batch_size):
+        a4 = model.layer_act(4, model.layer_act(3, a2[s:s + batch_size].to(dev)))
+        out[s:s + len(a4)] = torch.nn.functional.conv2d(a4, w, b)[:, 0].float().cpu()
+    return out
 
 
 def neuron_map(model: CompactModel, index: int, images: np.ndarray, batch_size: int = 64,
