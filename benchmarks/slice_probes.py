@@ -8,7 +8,10 @@ cached stages; R² to the teacher on its held-out bank images, raw R² on 190923
     python benchmarks/slice_probes.py specialize --passes 10 --map-from teacher # fit the teacher's own map
     python benchmarks/slice_probes.py specialize --k 25 --late 64,16 --passes 15 --flip --readout factorized --tune-passes 4
     python benchmarks/slice_probes.py ceilings --neurons 190923:0-7             # slices at K = 5..50, published models
+    python benchmarks/slice_probes.py fidelity --config configs/v4_190923_k35.yaml  # a job's models on the test images
     python benchmarks/slice_probes.py finish --neuron 190923:0 --variant "" --variant "prune.iterative=false retrain.passes=1"
+    python benchmarks/slice_probes.py finish --config configs/v4_190923_k35.yaml --neuron 190923:3 \
+        --start-variant "specialize.tune_passes=0"     # another config's path, its start varied
                                       # the config's specialized start (cached), then its prune + retrain
                                       # under each variant (compress.* overrides): the farm task's own code
 """
@@ -36,14 +39,21 @@ def main(argv=None):
     from farm.specialize import SpecializeConfig, specialize
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("probe", choices=["prune", "specialize", "ceilings", "finish"])
+    p.add_argument("probe", choices=["prune", "specialize", "ceilings", "finish", "fidelity"])
+    p.add_argument("--job-id", help="fidelity: the compress job whose models to read (default: the config's)")
     p.add_argument("--start-variant", default="",
                    help="finish: space-separated compress.* overrides for the start (e.g. specialize.tune_passes=8)")
     p.add_argument("--variant", action="append", default=[],
                    help="finish: space-separated compress.* overrides of the config (repeatable; '' = as configured)")
+    p.add_argument("--start-weight", type=float, default=0.0,
+                   help="finish: the tune step and the retrains fit (1 - w) x the teacher's responses + w x the "
+                        "shared model's own (its slice's) responses on the bank; 0: the teacher's alone")
     p.add_argument("--neurons", default="190923:0-7", help="ceilings: the neurons (a selection)")
     p.add_argument("--k", type=int, default=10, help="early filters of the published shared model")
     p.add_argument("--neuron", default="190923:0")
+    p.add_argument("--config", default="v4_190923",
+                   help="the job config whose cached stages and compress section the probes use "
+                        "(e.g. configs/v4_190923_k35.yaml)")
     p.add_argument("--criterion", default="reconstruction")
     p.add_argument("--delta", type=float, default=0.01)
     p.add_argument("--late", default="32,8")
@@ -63,11 +73,13 @@ def main(argv=None):
 
     keep_freed_memory()  # as farm's tasks run
     torch.set_num_threads(a.threads)
-    inp = prepare_job(load_job_config("v4_190923")).inputs
+    inp = prepare_job(load_job_config(a.config)).inputs
     if a.probe == "ceilings":
         return ceilings(inp, a.neurons)
+    if a.probe == "fidelity":
+        return fidelity(inp, a.config, a.job_id)
     if a.probe == "finish":
-        return finish(inp, a.neuron, a.variant or [""], a.threads, a.start_variant)
+        return finish(inp, a.neuron, a.variant or [""], a.threads, a.start_variant, a.config, a.start_weight)
     col = inp.neuron_ids.index(a.neuron)
     x, y, hx, hy = inp.bank_images, inp.bank_targets[:, col], inp.heldout_images, inp.heldout_targets[:, col]
     rd = inp.real[a.neuron.split(":")[0]]
@@ -99,12 +111,15 @@ def main(argv=None):
     report("retrained", distill(model, x, y, retrain, trained=True).model)
 
 
-def finish(inp, neuron: str, variants: list[str], threads: int, start_variant: str = "") -> None:
-    """The farm task's own path for one neuron (configs/v4_190923.yaml): its specialized start
+def finish(inp, neuron: str, variants: list[str], threads: int, start_variant: str = "",
+           config: str = "v4_190923", start_weight: float = 0.0) -> None:
+    """The farm task's own path for one neuron (``config``, default configs/v4_190923.yaml): its specialized start
     (``neuron_start``, with the compress.* overrides ``start_variant``, from the shared model's layer-2
     activations of the bank computed once for all neurons as the farm job does; cached under
     farm_runs/probes/ by the job id they give), then ``compress_neuron`` from it under each variant of
-    the compress section (with ``start_variant`` too); one markdown row per variant."""
+    the compress section (with ``start_variant`` too); one markdown row per variant. ``start_weight``:
+    the start's tune step and the retrains fit a blend of the teacher's responses and the shared
+    model's own (its slice's, from the paper's ensemble on real data) instead of the teacher's alone."""
     import time
 
     import torch
@@ -118,10 +133,26 @@ def finish(inp, neuron: str, variants: list[str], threads: int, start_variant: s
     from farm.specialize import neuron_start
 
     start_sets = [f"compress.{o}" for o in start_variant.split()]
-    base = load_job_config("v4_190923", start_sets)
+    base = load_job_config(config, start_sets)
     cfg = CompressConfig.for_seed(base.compress, base.seed)
     col = inp.neuron_ids.index(neuron)
-    cache = Path("farm_runs/probes") / f"start_{neuron.replace(':', '_')}_{base.resolved_job_id()}.pt"
+    targets = inp.bank_targets[:, col]
+    if start_weight:
+        from farm.models.compact import output_slice
+        from farm.shared_start import load_shared_start
+
+        rpath = Path("farm_runs/probes") / f"slice_resp_{neuron.replace(':', '_')}_{Path(cfg.shared.path).stem}.npy"
+        if not rpath.is_file():
+            rpath.parent.mkdir(parents=True, exist_ok=True)
+            np.save(rpath, predict(output_slice(load_shared_start(cfg.shared.path, inp.neuron_ids), neuron),
+                                   inp.bank_images))
+        own = np.load(rpath).astype(np.float64)
+        slope = np.polyfit(own, targets, 1)[0]
+        print(f"blend: {1 - start_weight:g} x teacher + {start_weight:g} x the slice's responses (R² between them on the "
+              f"bank {squared_pearson(own, targets):.3f}, slope {slope:.3f})", flush=True)
+        targets = ((1 - start_weight) * targets + start_weight * own).astype(np.float32)
+    wtag = f"_w{start_weight:g}" if start_weight else ""
+    cache = Path("farm_runs/probes") / f"start_{neuron.replace(':', '_')}_{base.resolved_job_id()}{wtag}.pt"
     if cache.is_file():
         blob = torch.load(cache, weights_only=True)
         start = CompactModel(CompactSpec.from_dict(blob["spec"]))
@@ -137,15 +168,17 @@ def finish(inp, neuron: str, variants: list[str], threads: int, start_variant: s
             from farm.shared_features import early_key, load_early_features, save_early_features
 
             flip = cfg.specialize.flip
-            fpath = Path("farm_runs/probes") / f"early_{early_key(shared, inp.bank_images, flip)}.npy"
+            key = early_key(shared, inp.bank_images, flip)
+            fpath = Path(base.out_dir) / "shared_features" / key / "early.npy"  # the job's, when it made them
+            if not (fpath.parent / "early.json").is_file():
+                fpath = Path("farm_runs/probes") / f"early_{key}.npy"
             if not fpath.is_file():
                 finfo = save_early_features(shared, inp.bank_images, fpath, flip=flip)
                 print(f"layer-2 activations of the bank, once for all {len(inp.neuron_ids)} neurons: "
                       f"{finfo['cpu_seconds']:.0f} CPU-s", flush=True)
             early = load_early_features(fpath, len(inp.bank_images), flip, shared)
         cpu0 = time.process_time()
-        start = neuron_start(shared, neuron, inp.bank_images, cfg.specialize,
-                             targets=inp.bank_targets[:, col], early=early)
+        start = neuron_start(shared, neuron, inp.bank_images, cfg.specialize, targets=targets, early=early)
         start_cpu = time.process_time() - cpu0
         del early
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -155,17 +188,17 @@ def finish(inp, neuron: str, variants: list[str], threads: int, start_variant: s
         release_freed_memory()  # the specialization's activations, as the farm task does
     real = _real_data(inp, neuron)
     start_raw = evaluate_predictions(real.responses[None], predict(start, real.images)[None], False)["r2_raw"][0]
-    print(f"{neuron} start ({start_variant or 'as configured'}): {start_cpu:.0f} CPU-s, params "
+    print(f"{neuron} start ({start_variant or 'as configured'}{wtag}): {start_cpu:.0f} CPU-s, params "
           f"{start.spec.param_count():,}, filters {'-'.join(map(str, start.spec.filters))}, R² to the teacher "
           f"{squared_pearson(inp.heldout_targets[:, col], predict(start, inp.heldout_images)):.3f}, raw R² {start_raw:.3f}\n"
           "| variant | R² to teacher distilled / pruned / final | raw R² | params | filters | CPU-s (prune+retrain) "
           "| wall s: prune (with its retrains) / retrain |\n"
           "|---|---|---|---|---|---|---|", flush=True)
     for v in variants:
-        vcfg = load_job_config("v4_190923", start_sets + [f"compress.{o}" for o in v.split()])
+        vcfg = load_job_config(config, start_sets + [f"compress.{o}" for o in v.split()])
         vc = CompressConfig.for_seed(vcfg.compress, vcfg.seed)
         cpu0 = time.process_time()
-        r = compress_neuron(neuron, inp.bank_images, inp.bank_targets[:, col], inp.heldout_images,
+        r = compress_neuron(neuron, inp.bank_images, targets, inp.heldout_images,
                             inp.heldout_targets[:, col], vc, real=real, threads=threads,
                             distilled=start)
         cpu = time.process_time() - cpu0
@@ -173,6 +206,59 @@ def finish(inp, neuron: str, variants: list[str], threads: int, start_variant: s
         print(f"| {neuron} {v or 'as configured'} | {r.r2_teacher_distilled:.3f} / {pr} / {r.r2_teacher_heldout:.3f} | "
               f"{r.r2_raw:.3f} | {r.param_count:,} | {'-'.join(map(str, r.filters))} | {cpu:.0f} | "
               f"{r.timings['prune_s']:.0f} / {r.timings['retrain_s']:.0f} |", flush=True)
+
+
+def fidelity(inp, config: str, job_id: str | None) -> None:
+    """A finished job's compact models on 190923's second half (the test images, not the bank): R² to
+    the teacher, to the slice of the job's shared start and raw R², per neuron and their medians;
+    then the same for the paper's published per-neuron models. Reads the models from the job's
+    MLflow store."""
+    import tempfile
+
+    from farm.compress import CompressConfig
+    from farm.distill import predict, squared_pearson
+    from farm.metrics import evaluate_predictions
+    from farm.models.compact import load_compact
+    from farm.models.published import load_published_session
+    from farm.shared_start import load_shared_start
+    from farm.tracking import Tracker
+
+    from farm.config import load_job_config
+
+    cfg = load_job_config(config)
+    tr = Tracker.open(cfg.tracking_uri(), cfg.tracking.experiment)
+    parent = tr.find_job(job_id or cfg.resolved_job_id(), "job")
+    if parent is None:
+        sys.exit(f"no job {job_id or cfg.resolved_job_id()} in {cfg.tracking_uri()}")
+    runs = [r for r in tr.child_runs(parent, "neuron") if r.info.status == "FINISHED"]
+    rd = inp.real["190923"]
+    ids = rd["neuron_ids"]
+    teacher = predict(load_shared_start(SHARED.format(k=200), ids), rd["images"])
+    shared = load_shared_start(CompressConfig.from_dict(cfg.compress).shared.path, ids)
+    start = predict(shared, rd["images"])
+    col = {n: shared.spec.neuron_ids.index(n) for n in ids}
+
+    def row(n, pred):
+        i = ids.index(n)
+        raw = evaluate_predictions(rd["responses"][i:i + 1], pred[None], False)["r2_raw"][0]
+        return (squared_pearson(teacher[:, col[n]], pred), squared_pearson(start[:, col[n]], pred), raw,
+                squared_pearson(teacher[:, col[n]], start[:, col[n]]))
+
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in runs:
+            n = r.data.tags["farm.neuron_id"]
+            rows[n] = row(n, predict(load_compact(tr.download(r.info.run_id, "model", Path(tmp) / n)), rd["images"]))
+    pub = {f"190923:{i}": m for i, m in enumerate(load_published_session("../shared/models/published", "190923"))}
+    prow = {n: row(n, predict(pub[n], rd["images"])) for n in rows}
+    print("| neuron | compact: R² to teacher / to start slice / raw | published: R² to teacher / to start slice / raw "
+          "| start slice: R² to teacher |\n|---|---|---|---|")
+    for n in sorted(rows, key=lambda n: int(n.split(":")[1])):
+        print(f"| {n} | {' / '.join(f'{v:.3f}' for v in rows[n][:3])} | {' / '.join(f'{v:.3f}' for v in prow[n][:3])} "
+              f"| {rows[n][3]:.3f} |")
+    med = lambda d, j: float(np.median([v[j] for v in d.values()]))  # noqa: E731
+    print(f"| median ({len(rows)}) | {med(rows, 0):.3f} / {med(rows, 1):.3f} / {med(rows, 2):.3f} | "
+          f"{med(prow, 0):.3f} / {med(prow, 1):.3f} / {med(prow, 2):.3f} | {med(rows, 3):.3f} |")
 
 
 def ceilings(inp, selection: str) -> None:
