@@ -27,7 +27,7 @@ import torch
 
 from farm.dataclass_dict import from_dict, to_dict
 from farm.models.input import recenter
-from farm.models.compact import CompactModel, CompactSpec, build_compact, output_slice, same_pad
+from farm.models.compact import CompactModel, CompactSpec, build_compact, output_slice
 from farm.shared_start import copy_early_
 
 
@@ -42,12 +42,7 @@ class SpecializeConfig:
     the same function at the end of the map fit, and the parameters go to wider late layers).
     tune_passes: then passes of fitting layers 3-4 and the readout to the TEACHER's responses
     (``targets``) on the same frozen early activations (Adam at tune_lr, cosine to 0; BatchNorm
-    statistics fixed); 0: none.
-    init: the narrow layers 3-4 start "random" (Glorot, as a fresh model) or "select": as the shared
-    model's own layers 3-4 cut to the K4 layer-4 filters that contribute most to the neuron's map
-    (|mixing weight| x the filter's spread on the images) and the K3 layer-3 filters that contribute
-    most to those (|pointwise weight| x spread), the mixing to theirs: the map fit then starts from a
-    pruned copy of the function it fits."""
+    statistics fixed); 0: none."""
 
     late_filters: tuple[int, int] = (16, 4)
     passes: float = 20.0
@@ -59,7 +54,6 @@ class SpecializeConfig:
     tune_passes: float = 0.0
     tune_lr: float = 1e-3
     tune_batch_size: int = 32
-    init: Literal["random", "select"] = "random"
 
     def __post_init__(self):
         lf = tuple(int(k) for k in self.late_filters)
@@ -72,8 +66,6 @@ class SpecializeConfig:
             raise ValueError("SpecializeConfig: need tune_passes >= 0, tune_lr > 0, tune_batch_size >= 1")
         if self.readout not in ("dense", "factorized"):
             raise ValueError(f"SpecializeConfig.readout must be 'dense' or 'factorized', got {self.readout!r}")
-        if self.init not in ("random", "select"):
-            raise ValueError(f"SpecializeConfig.init must be 'random' or 'select', got {self.init!r}")
         if not isinstance(self.flip, bool):
             raise ValueError(f"SpecializeConfig.flip must be true or false, got {self.flip!r}")
 
@@ -220,11 +212,6 @@ def specialize(shared: CompactModel, neuron_id: str, images: np.ndarray,
     with torch.random.fork_rng(devices=[]):  # the mixing's init is seeded too: same config, same model
         torch.manual_seed(int(config.seed))
         mix = torch.nn.Conv2d(k4, 1, 1)
-    if config.init == "select":
-        m, b = _select_late_(model, shared, shared.spec.neuron_ids.index(neuron_id), a2[:2048])
-        with torch.no_grad():  # the map's z-scores: (m . a4 + b - mu) / sd
-            mix.weight.copy_((m / sd).reshape(1, k4, 1, 1))
-            mix.bias.copy_(((b - mu) / sd).reshape(1))
     model = model.to(memory_format=torch.channels_last)
     mix = mix.to(memory_format=torch.channels_last)
     n = len(a2)
@@ -272,60 +259,6 @@ def specialize(shared: CompactModel, neuron_id: str, images: np.ndarray,
         info["tune_s"] = time.perf_counter() - t
     model = model.to(memory_format=torch.contiguous_format)
     return model.eval(), {"seconds": time.perf_counter() - t0, **info}
-
-
-@torch.no_grad()
-def _select_late_(model: CompactModel, shared: CompactModel, index: int, a2: torch.Tensor,
-                  batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """``model``'s layers 3-4 (narrower than ``shared``'s) as ``shared``'s, cut to the filters that
-    contribute most to output ``index``'s map on the layer-2 activations ``a2`` (see
-    ``SpecializeConfig.init``); what the cut-off filters added on average goes to the biases. Returns
-    the mixing (K4,) and bias () of the kept layer-4 filters, in the map's units."""
-    k3, k4 = model.spec.filters[3:]
-    shared.eval()
-    m_all, b_all = shared.mixing.weight[index, :, 0, 0].float(), shared.mixing.bias[index].float()
-    w4 = shared.pointwise(4).weight[:, :, 0, 0].float()  # (K4', K3')
-    s4 = s3 = mean4 = mean_d4 = None
-    n = 0
-    for s in range(0, len(a2), batch_size):
-        a3 = shared.layer_act(3, a2[s:s + batch_size])
-        ks, st = shared.spec.kernel_size, shared.spec.strides[4]
-        d4 = torch.nn.functional.conv2d(same_pad(a3, ks, st), shared.depthwise(4).weight, None, st, 0, 1,
-                                        a3.shape[1])  # layer 4's depthwise output, per layer-3 filter
-        a4 = shared.bn(4)(shared.pointwise(4)(d4))
-        a4 = torch.relu(a4) if shared.spec.activation else a4
-        sums = [(t.sum(dim=(0, 2, 3)), (t.double() ** 2).sum(dim=(0, 2, 3))) for t in (a4, d4)]
-        cnt = a4.shape[0] * a4.shape[2] * a4.shape[3]
-        if s4 is None:
-            s4, s3, n = [sums[0][0].double(), sums[0][1]], [sums[1][0].double(), sums[1][1]], 0
-        else:
-            s4 = [s4[0] + sums[0][0], s4[1] + sums[0][1]]
-            s3 = [s3[0] + sums[1][0], s3[1] + sums[1][1]]
-        n += cnt
-    mean4, mean_d4 = s4[0] / n, s3[0] / n
-    sd4 = (s4[1] / n - mean4 ** 2).clamp_min(0).sqrt()
-    sd_d4 = (s3[1] / n - mean_d4 ** 2).clamp_min(0).sqrt()
-    imp4 = m_all.abs().double() * sd4
-    keep4 = torch.argsort(imp4, descending=True)[:k4].sort().values
-    imp3 = (w4[keep4].abs().double() * imp4[keep4, None]).sum(0) * sd_d4
-    keep3 = torch.argsort(imp3, descending=True)[:k3].sort().values
-    drop3 = torch.tensor([j for j in range(w4.shape[1]) if j not in set(keep3.tolist())], dtype=torch.long)
-    drop4 = torch.tensor([c for c in range(w4.shape[0]) if c not in set(keep4.tolist())], dtype=torch.long)
-    src3p, src4d, src4p = shared.pointwise(3), shared.depthwise(4), shared.pointwise(4)
-    model.pointwise(3).weight.copy_(src3p.weight[keep3])
-    model.pointwise(3).bias.copy_(src3p.bias[keep3])
-    model.depthwise(4).weight.copy_(src4d.weight[keep3])
-    model.pointwise(4).weight.copy_(src4p.weight[keep4][:, keep3])
-    bias4 = src4p.bias[keep4].double()
-    if len(drop3):  # the dropped layer-3 filters' mean contribution to the kept layer-4 filters
-        bias4 = bias4 + (w4[keep4][:, drop3].double() * mean_d4[drop3][None]).sum(1)
-    model.pointwise(4).bias.copy_(bias4.float())
-    for layer, keep in ((3, keep3), (4, keep4)):
-        src, dst = shared.bn(layer), model.bn(layer)
-        for name in ("weight", "bias", "running_mean", "running_var"):
-            getattr(dst, name).copy_(getattr(src, name)[keep])
-    b = b_all.double() + (m_all[drop4].double() * mean4[drop4]).sum() if len(drop4) else b_all.double()
-    return m_all[keep4].clone(), b.float()
 
 
 def _tune(model: CompactModel, a2: torch.Tensor, targets: np.ndarray, config: SpecializeConfig) -> float:

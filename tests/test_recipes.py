@@ -318,26 +318,3 @@ def test_late_map_from_early_activations_is_the_neurons_map(sim, shared6):
     assert got.shape == (50, *shared6.spatial.shape[1:]) and got.dtype == torch.float32
     torch.testing.assert_close(got, neuron_map(shared6, 3, x, batch_size=16), rtol=1e-5, atol=1e-6)
 
-
-def test_select_init_is_the_shared_models_late_layers_cut_to_the_neurons_filters(sim, shared6):
-    """``SpecializeConfig.init="select"``: at the shared model's own late widths the cut keeps every
-    filter and reproduces the neuron's map exactly; narrower, it keeps most of it before any fit."""
-    from farm.models.compact import CompactSpec, build_compact
-    from farm.shared_start import copy_early_
-    from farm.specialize import SpecializeConfig, _early, _late_map, _select_late_
-
-    a2 = _early(shared6, sim["x"][:200])
-    ref = _late_map(shared6, 2, a2)
-    r2 = {}
-    for k3, k4 in ((8, 8), (6, 3)):
-        m = build_compact(CompactSpec(filters=(6, 6, 6, k3, k4), image_size=SIZE, readout="factorized",
-                                      n_outputs=1, neuron_ids=(sim["ids"][2],)), seed=0)
-        copy_early_(m, shared6)
-        w, b = _select_late_(m, shared6, 2, a2)
-        with torch.no_grad():
-            got = torch.nn.functional.conv2d(m.eval().layer_act(4, m.layer_act(3, a2)), w.reshape(1, k4, 1, 1),
-                                             b.reshape(1))[:, 0]
-        r2[k4] = float(1 - ((got - ref) ** 2).sum() / ((ref - ref.mean()) ** 2).sum())
-    assert r2[8] > 1 - 1e-6 and 0.3 < r2[3] < 1, r2
-    with pytest.raises(ValueError, match="init must be"):
-        SpecializeConfig(init="pruned")
