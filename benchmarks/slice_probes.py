@@ -10,10 +10,10 @@ cached stages; R² to the teacher on its held-out bank images, raw R² on 190923
     python benchmarks/slice_probes.py ceilings --neurons 190923:0-7             # slices at K = 5..50, published models
     python benchmarks/slice_probes.py fidelity --config configs/v4_190923_k35.yaml  # a job's models on the test images
     python benchmarks/slice_probes.py finish --neuron 190923:0 --variant "" --variant "prune.iterative=false retrain.passes=1"
-    python benchmarks/slice_probes.py finish --config configs/v4_190923_k35.yaml --neuron 190923:3 \
-        --start-variant "specialize.tune_passes=0"     # another config's path, its start varied
                                       # the config's specialized start (cached), then its prune + retrain
                                       # under each variant (compress.* overrides): the farm task's own code
+    python benchmarks/slice_probes.py finish --config configs/v4_190923_k35.yaml --neuron 190923:3 \
+        --start-variant "specialize.tune_passes=0"     # another config's path, its start varied
 """
 
 import argparse
