@@ -241,8 +241,9 @@ def fidelity(inp, config: str, job_id: str | None) -> None:
     def row(n, pred):
         i = ids.index(n)
         raw = evaluate_predictions(rd["responses"][i:i + 1], pred[None], False)["r2_raw"][0]
+        start_raw = evaluate_predictions(rd["responses"][i:i + 1], start[None, :, col[n]], False)["r2_raw"][0]
         return (squared_pearson(teacher[:, col[n]], pred), squared_pearson(start[:, col[n]], pred), raw,
-                squared_pearson(teacher[:, col[n]], start[:, col[n]]))
+                squared_pearson(teacher[:, col[n]], start[:, col[n]]), start_raw)
 
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -259,6 +260,12 @@ def fidelity(inp, config: str, job_id: str | None) -> None:
     med = lambda d, j: float(np.median([v[j] for v in d.values()]))  # noqa: E731
     print(f"| median ({len(rows)}) | {med(rows, 0):.3f} / {med(rows, 1):.3f} / {med(rows, 2):.3f} | "
           f"{med(prow, 0):.3f} / {med(prow, 1):.3f} / {med(prow, 2):.3f} | {med(rows, 3):.3f} |")
+    # a student whose error is independent of the neuron keeps R²(student, start) of the start's raw R²
+    est = np.array([v[4] * v[1] for v in rows.values()])
+    act = np.array([v[2] for v in rows.values()])
+    print(f"raw R² of the start x the compact model's R² to it: median {np.median(est):.3f} (measured "
+          f"{np.median(act):.3f}; per neuron within {np.median(np.abs(est - act)):.3f} (median), r = "
+          f"{np.corrcoef(est, act)[0, 1]:.3f})")
 
 
 def ceilings(inp, selection: str) -> None:
