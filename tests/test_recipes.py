@@ -305,7 +305,6 @@ def test_specialize_keeps_the_factorized_readout_and_tunes_to_the_teachers_respo
     res = compress_neuron(nid, sim["x"], sim["y"][:, col], sim["hx"], sim["hy"][:, col], cfg, distilled=fact)
     assert res.spec["readout"] == "factorized" and res.param_count <= fact.spec.param_count()
     assert res.r2_teacher_heldout > 0.5
-    assert res.r2_teacher_heldout > 0.5
 
 
 def test_late_map_from_early_activations_is_the_neurons_map(sim, shared6):
@@ -317,4 +316,3 @@ def test_late_map_from_early_activations_is_the_neurons_map(sim, shared6):
     got = _late_map(shared6, 3, _early(shared6, x, batch_size=16), batch_size=16)
     assert got.shape == (50, *shared6.spatial.shape[1:]) and got.dtype == torch.float32
     torch.testing.assert_close(got, neuron_map(shared6, 3, x, batch_size=16), rtol=1e-5, atol=1e-6)
-
