@@ -9,6 +9,7 @@ cached stages; R² to the teacher on its held-out bank images, raw R² on 190923
     python benchmarks/slice_probes.py specialize --k 25 --late 64,16 --passes 15 --flip --readout factorized --tune-passes 4
     python benchmarks/slice_probes.py ceilings --neurons 190923:0-7             # slices at K = 5..50, published models
     python benchmarks/slice_probes.py fidelity --config configs/v4_190923_k35.yaml  # a job's models on the test images
+    python benchmarks/slice_probes.py headroom --goal 0.40  # per start: the fidelity the median neuron needs
     python benchmarks/slice_probes.py finish --neuron 190923:0 --variant "" --variant "prune.iterative=false retrain.passes=1"
                                       # the config's specialized start (cached), then its prune + retrain
                                       # under each variant (compress.* overrides): the farm task's own code
@@ -39,7 +40,7 @@ def main(argv=None):
     from farm.specialize import SpecializeConfig, specialize
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("probe", choices=["prune", "specialize", "ceilings", "finish", "fidelity"])
+    p.add_argument("probe", choices=["prune", "specialize", "ceilings", "finish", "fidelity", "headroom"])
     p.add_argument("--job-id", help="fidelity: the compress job whose models to read (default: the config's)")
     p.add_argument("--start-variant", default="",
                    help="finish: space-separated compress.* overrides for the start (e.g. specialize.tune_passes=8)")
@@ -49,6 +50,7 @@ def main(argv=None):
                    help="finish: the tune step and the retrains fit (1 - w) x the teacher's responses + w x the "
                         "shared model's own (its slice's) responses on the bank; 0: the teacher's alone")
     p.add_argument("--neurons", default="190923:0-7", help="ceilings: the neurons (a selection)")
+    p.add_argument("--goal", type=float, default=0.40, help="headroom: the median raw R² to reach")
     p.add_argument("--k", type=int, default=10, help="early filters of the published shared model")
     p.add_argument("--neuron", default="190923:0")
     p.add_argument("--config", default="v4_190923",
@@ -78,6 +80,8 @@ def main(argv=None):
         return ceilings(inp, a.neurons)
     if a.probe == "fidelity":
         return fidelity(inp, a.config, a.job_id)
+    if a.probe == "headroom":
+        return headroom(inp, a.goal)
     if a.probe == "finish":
         return finish(inp, a.neuron, a.variant or [""], a.threads, a.start_variant, a.config, a.start_weight)
     col = inp.neuron_ids.index(a.neuron)
@@ -266,6 +270,45 @@ def fidelity(inp, config: str, job_id: str | None) -> None:
     print(f"raw R² of the start x the compact model's R² to it: median {np.median(est):.3f} (measured "
           f"{np.median(act):.3f}; per neuron within {np.median(np.abs(est - act)):.3f} (median), r = "
           f"{np.corrcoef(est, act)[0, 1]:.3f})")
+
+
+def headroom(inp, goal: float) -> None:
+    """What a median raw R² of ``goal`` over all of 190923's neurons asks of a compact model, start by
+    start (the published shared models' slices, the teacher, averages of them): a compact model
+    whose error is independent of the neuron keeps its start's raw R² times its R² to the start
+    (``fidelity``'s last line), so neuron i needs R²(model, start) >= goal / raw_start(i). Half the
+    neurons must reach the goal: the row's "needed" is the median neuron's requirement (the
+    ceil(n/2)-th smallest; "-" when fewer than half of the starts' neurons are at the goal at all)."""
+    from farm.distill import predict
+    from farm.metrics import evaluate_predictions
+    from farm.models.published import load_published_session
+    from farm.shared_start import load_shared_start
+
+    rd = inp.real["190923"]
+    ids = rd["neuron_ids"]
+    resp = rd["responses"]
+    pred = {}
+    for k in (25, 35, 50, 200):
+        shared = load_shared_start(SHARED.format(k=k), ids)
+        cols = [shared.spec.neuron_ids.index(i) for i in ids]
+        pred[f"K{k}" if k != 200 else "K200 (the teacher)"] = predict(shared, rd["images"])[:, cols]
+    pub = load_published_session("../shared/models/published", "190923")
+    pred["published per-neuron models"] = np.stack([predict(m, rd["images"]) for m in pub], 1)
+    t = pred["K200 (the teacher)"]
+    pred["mean of K35, teacher"] = (pred["K35"] + t) / 2
+    pred["mean of K50, teacher"] = (pred["K50"] + t) / 2
+    pred["mean of K25, K35, K50, teacher"] = (pred["K25"] + pred["K35"] + pred["K50"] + t) / 4
+    n = len(ids)
+    half = (n + 1) // 2
+    print(f"| start | median raw R² ({n}) | neurons at >= {goal:g} | R² to it the median neuron needs | "
+          f"per neuron: needed R² (sorted) |\n|---|---|---|---|---|")
+    for name, p in pred.items():
+        raw = evaluate_predictions(resp, p.T, False)["r2_raw"]
+        need = np.sort(goal / np.maximum(raw, 1e-9))
+        at = int((raw >= goal).sum())
+        needed = f"{need[half - 1]:.3f}" if at >= half else "-"
+        print(f"| {name} | {np.median(raw):.3f} | {at} | {needed} | "
+              f"{' '.join(f'{v:.3f}' for v in need[:half + 3])} ... |", flush=True)
 
 
 def ceilings(inp, selection: str) -> None:
