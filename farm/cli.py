@@ -6,7 +6,10 @@
     farm data import-v4 SRC --out DIR
     farm data simulate --neurons 20 --sessions 3 --images 1000 --size 64 --out DIR
     farm teacher train|import|evaluate|predict ...
-    farm analyze MODEL_DIR --out DIR
+    farm analyze MODEL_DIR --out DIR            every analysis of one compact model
+    farm analyze --config configs/demo.yaml     ... of every compact model of a job (Ray tasks)
+    farm submit --config FILE [key=value ...]   a job config as a Ray Job on a head (--sweep: a sweep)
+    farm jobs                                   the farm jobs of a head, their status and store
     farm ui                                     print the command that opens the MLflow UI
 """
 
@@ -220,7 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     sj = sub.add_parser("submit", help="run a job config as a Ray Job on a head (results in the submitter's store)")
     sj.add_argument("--config", required=True, help="YAML job config (path or name in configs/)")
     sj.add_argument("overrides", nargs="*", help="key=value overrides")
-    sj.add_argument("--address", help="the head's Jobs API (default: RAY_ADDRESS or http://127.0.0.1:8265)")
+    sj.add_argument("--address", help="the head's Jobs API (default: RAY_API_SERVER_ADDRESS, else RAY_ADDRESS, "
+                    "else http://127.0.0.1:8265)")
     sj.add_argument("--no-wait", action="store_true", help="submit and return; `farm jobs` lists its status")
     sj.add_argument("--sweep", action="store_true", help="run `farm sweep` instead of `farm compress`")
     sj.add_argument("--python", help="the interpreter the head runs farm with (default: this one; on a "

@@ -50,33 +50,50 @@ def resolved_overrides(cfg: JobConfig) -> list[str]:
     return out
 
 
-def check_not_in_ray_job_copy(cfg: JobConfig) -> None:
-    """Inside a Ray Job with an uploaded working dir, refuse relative result paths (they would be
-    written into Ray's temporary copy of the working dir and deleted with it)."""
+def _in_ray_job_copy() -> bool:
+    """True inside a Ray Job whose working dir was uploaded (it runs in Ray's temporary copy of it)."""
     raw = os.environ.get(RAY_JOB_ENV)
     if not raw:
-        return
+        return False
     try:
         runtime_env = json.loads(raw).get("runtime_env") or {}
     except (ValueError, AttributeError):
         runtime_env = {}
-    if not runtime_env.get("working_dir"):
+    return bool(runtime_env.get("working_dir"))
+
+
+def _lost_in_copy(path: str | Path) -> bool:
+    """A path that is relative, or resolves inside the current directory (Ray's copy)."""
+    p = Path(path).expanduser()
+    if not p.is_absolute():
+        return True
+    return p.resolve().is_relative_to(Path.cwd().resolve())
+
+
+def check_paths_not_in_ray_job_copy(paths: dict[str, str | None], uri: str | None, uri_default: str,
+                                    uri_name: str = "tracking.uri") -> None:
+    """Inside a Ray Job with an uploaded working dir, refuse result paths (``paths``: option name ->
+    value) and an MLflow store (``uri``, or ``uri_default`` when unset) that would be written into
+    Ray's temporary copy of the working dir and deleted with it. Outside such a job: nothing."""
+    if not _in_ray_job_copy():
         return
-    bad = []
-    if not Path(cfg.out_dir).is_absolute():
-        bad.append(f"out_dir={cfg.out_dir!r}")
-    uri = cfg.tracking.uri
-    if not uri:
-        if not Path(cfg.out_dir).is_absolute():
-            bad.append("tracking.uri (unset: a sqlite store next to the relative out_dir)")
-    elif uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        bad.append(f"tracking.uri={uri!r}")
+    bad = [f"{name}={value!r}" for name, value in paths.items() if value and _lost_in_copy(value)]
+    store = uri or uri_default
+    if store.startswith("sqlite:///") and _lost_in_copy(store[len("sqlite:///"):]):  # sqlite:////abs or ///rel
+        bad.append(f"{uri_name}={uri!r}" if uri else f"{uri_name} (unset: the default store {store})")
     if bad:
         raise ValueError(
             f"this Ray Job runs in Ray's temporary copy of the working dir ({os.getcwd()}), which Ray deletes "
-            f"with the session: {', '.join(bad)} would be written there and lost. Set out_dir to an absolute "
-            f"shared path and tracking.uri to an MLflow server (or an absolute sqlite:////... path), or "
-            f"submit with `farm submit --config FILE`, which resolves them on the submitting side")
+            f"with the session: {', '.join(bad)} would be written there and lost. Give absolute paths outside it "
+            f"(on a shared filesystem for a cluster) and an MLflow server (or an absolute sqlite:////... path) as "
+            f"the store, or submit a job config with `farm submit --config FILE`, which resolves them on the "
+            f"submitting side")
+
+
+def check_not_in_ray_job_copy(cfg: JobConfig) -> None:
+    """Inside a Ray Job with an uploaded working dir, refuse a job config whose ``out_dir`` or store
+    would be written into Ray's temporary copy of the working dir (and deleted with it)."""
+    check_paths_not_in_ray_job_copy({"out_dir": cfg.out_dir}, cfg.tracking.uri, cfg.tracking_uri())
 
 
 def _client(address: str | None):

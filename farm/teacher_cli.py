@@ -19,6 +19,10 @@ def teacher_command(args) -> int:
     from farm.teacher_training import run_teacher_training
 
     if args.teacher_cmd == "train":
+        from farm.submit import check_paths_not_in_ray_job_copy
+
+        # a plain `ray job submit` runs in a temporary copy of the working dir: refuse before training
+        check_paths_not_in_ray_job_copy({"--out": args.out}, args.tracking_uri, store_uri(), "--tracking-uri")
         tracker = Tracker.open(args.tracking_uri or store_uri(), args.experiment)
         cfgd = read_yaml(args.config)
         run = tracker.start_job(f"teacher-{Path(args.out).resolve().name}-{int(time.time())}",

@@ -1,4 +1,9 @@
-"""Ray Jobs entry point for the demo: `ray job submit --working-dir . -- python jobs/demo.py`."""
+"""Ray Jobs entry point for the demo, a thin wrapper over `farm demo`:
+
+    ray job submit --working-dir . -- python jobs/demo.py --out $PWD/farm_runs/demo
+
+`--out` must be absolute and outside Ray's temporary copy of the working dir (see jobs/compress.py).
+"""
 
 import sys
 

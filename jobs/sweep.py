@@ -1,6 +1,10 @@
-"""Ray Jobs entry point: `ray job submit --working-dir . -- python jobs/sweep.py --config configs/demo.yaml`.
+"""Ray Jobs entry point, a thin wrapper over `farm sweep`:
 
-A thin wrapper over `farm sweep`; inside a Ray Job it joins the cluster through RAY_ADDRESS.
+    ray job submit --working-dir . -- python jobs/sweep.py --config configs/demo.yaml out_dir=$PWD/farm_runs/demo
+
+`out_dir` must be absolute and outside Ray's temporary copy of the working dir (see jobs/compress.py;
+`farm submit --sweep --config ...` pins it for you). Inside a Ray Job the driver joins the cluster
+through RAY_ADDRESS.
 """
 
 import sys

@@ -106,4 +106,36 @@ def test_a_ray_job_with_relative_result_paths_is_refused_and_submit_pins_them(tm
     pinned = load_job_config("demo", resolved_overrides(load_job_config("demo")))
     assert pinned.out_dir == str(tmp_path.resolve() / "farm_runs" / "demo")
     assert pinned.tracking.uri == f"sqlite:///{tmp_path.resolve()}/farm_runs/mlflow.db"
-    check_not_in_ray_job_copy(pinned)  # absolute: accepted
+    (tmp_path / "ray_copy").mkdir()
+    monkeypatch.chdir(tmp_path / "ray_copy")  # the job runs in Ray's copy, elsewhere
+    check_not_in_ray_job_copy(pinned)  # absolute, outside the copy: accepted
+
+
+def test_teacher_training_as_a_plain_ray_job_refuses_paths_in_the_copy_before_training(tmp_path, monkeypatch, capsys):
+    """`ray job submit -- python jobs/train_teacher.py --out farm_runs/teacher` would train into Ray's
+    temporary copy of the working dir (and the default store there): refused, nothing written."""
+    import json as _json
+
+    from farm.cli import main
+    from farm.config import CONFIG_DIR
+    from farm.submit import check_paths_not_in_ray_job_copy
+
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    monkeypatch.chdir(copy)
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", _json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg_x.zip"}}))
+    rc = main(["teacher", "train", "--config", str(CONFIG_DIR / "teacher_demo.yaml"), "--out", "farm_runs/teacher"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "--out='farm_runs/teacher'" in err
+    assert f"--tracking-uri (unset: the default store sqlite:///{copy.resolve()}/farm_runs/mlflow.db)" in err
+    assert list(copy.iterdir()) == []  # no teacher, no store
+    # an absolute path inside the copy is as lost as a relative one; outside it, accepted
+    with pytest.raises(ValueError, match=r"--out='.*/copy/t'"):
+        check_paths_not_in_ray_job_copy({"--out": str(copy / "t")}, f"sqlite:///{tmp_path}/s.db", "unused")
+    with pytest.raises(ValueError, match=r"tracking.uri='sqlite:///s.db'"):
+        check_paths_not_in_ray_job_copy({"--out": str(tmp_path / "t")}, "sqlite:///s.db", "unused")
+    check_paths_not_in_ray_job_copy({"--out": str(tmp_path / "t")}, f"sqlite:///{tmp_path}/s.db", "unused")
+    check_paths_not_in_ray_job_copy({"--out": str(tmp_path / "t")}, "http://head:5000", "unused")
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    check_paths_not_in_ray_job_copy({"--out": "farm_runs/teacher"}, None, "sqlite:///rel.db")  # not in a Ray Job
