@@ -3,7 +3,7 @@
 Every stage writes its output under the job's ``out_dir`` and reuses it on the next run (the
 simulated population, the trained teacher, the bank, the teacher-response table, distilled models),
 so a re-run after a crash only redoes what is missing. MLflow and Ray are touched only through
-``farm.tracking``, ``farm.fanout`` and ``farm.sweep``.
+``farm.tracking``, ``farm.fanout``, ``farm.sweep`` (and ``farm.submit`` for Ray Jobs).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import numpy as np
 
 from farm.files import exclusive, write_text_atomic
 from farm.config import JobConfig, load_job_config, read_yaml, resolve_config_path
-from farm.fanout import JobResult, init_job_ray, run_neurons
+from farm.fanout import JobResult, init_job_ray, run_neurons, stop_ray
 from farm.neuron_runs import NeuronInputs
 from farm.selection import neuron_sort_key, parse_neuron_selection
 from farm.task_env import release_freed_memory
@@ -112,11 +112,8 @@ def prepare_teacher(cfg: JobConfig, sessions, truth, sessions_dir: Path, tracker
     from farm.teacher_training import run_teacher_training
 
     tdir = Path(t.path) if t.path else out / "teacher"
-    if t.kind == "saved" or (tdir / "teacher" / "teacher.json").is_file() or (tdir / "teacher.json").is_file():
-        src = tdir / "teacher" if (tdir / "teacher" / "teacher.json").is_file() else tdir
-        teacher = EnsembleTeacher.load(src)
-        report = json.loads((tdir / "report.json").read_text()) if (tdir / "report.json").is_file() else {}
-    elif t.kind == "ensemble":
+    tconf = None
+    if t.kind == "ensemble":
         tconf = t.config
         if isinstance(tconf, str):
             tconf = read_yaml(resolve_config_path(tconf))
@@ -124,6 +121,15 @@ def prepare_teacher(cfg: JobConfig, sessions, truth, sessions_dir: Path, tracker
         tconf = tconf.get("teacher", tconf)
         if t.session:
             tconf["test_session"] = t.session
+        elif not tconf.get("test_session"):
+            _test_session(sessions)  # the session to compress must exist before the teacher trains
+    if t.kind == "saved" or (tdir / "teacher" / "teacher.json").is_file() or (tdir / "teacher.json").is_file():
+        src = tdir / "teacher" if (tdir / "teacher" / "teacher.json").is_file() else tdir
+        report = json.loads((tdir / "report.json").read_text()) if (tdir / "report.json").is_file() else {}
+        if t.kind == "ensemble":
+            _check_reused_teacher(tdir, report, tconf, sessions, sessions_dir)
+        teacher = EnsembleTeacher.load(src)
+    elif t.kind == "ensemble":
         log.info("training the teacher (deep ensemble) on %s", sessions_dir)
 
         def cb(event, info):  # farm.teacher logs each visit as a line; the raw dicts with --verbose
@@ -137,6 +143,30 @@ def prepare_teacher(cfg: JobConfig, sessions, truth, sessions_dir: Path, tracker
             "pretrained": teacher.pretrained, **{k: v for k, v in report.items()
                                                  if k.startswith(("test_median", "ground_truth_median"))}}
     return teacher, info
+
+
+def _check_reused_teacher(tdir: Path, report: dict, tconf: dict, sessions, sessions_dir: Path) -> None:
+    """A teacher the job trained earlier (in ``tdir``) is reused only if it was trained from the same
+    teacher config and the same sessions; otherwise a clear error instead of a stale teacher."""
+    from farm.teacher_config import TeacherConfig
+    from farm.teacher_training import training_stamp
+
+    old = report.get("trained_on")
+    if old is None:  # a teacher saved before the stamp existed: reused as before
+        return
+    new = training_stamp(TeacherConfig.load(tconf), sessions)
+    what = []
+    if old["sessions"] != new["sessions"]:
+        what.append(f"sessions {sorted(old['sessions'])} (id -> role, neurons, images: {old['sessions']}), "
+                    f"but {sessions_dir} now holds {new['sessions']}")
+    diff = sorted(k for k in set(old["config"]) | set(new["config"]) if old["config"].get(k) != new["config"].get(k))
+    if diff:
+        what.append("a teacher config that differs in " + ", ".join(
+            f"{k} ({old['config'].get(k)!r} -> {new['config'].get(k)!r})" for k in diff))
+    if what:
+        raise ValueError(f"{tdir}: this job's teacher was trained from {'; and from '.join(what)}. Remove {tdir} "
+                         f"to train a new one (or give the job another out_dir); to reuse a teacher on purpose, "
+                         f"use teacher.kind: saved with teacher.path")
 
 
 def _test_session(sessions) -> str:
@@ -377,10 +407,7 @@ def _killed_on_interrupt(tracker: Tracker, parent: str):
         yield
     except KeyboardInterrupt:
         with contextlib.suppress(Exception):  # first stop the tasks, so that none starts a run after this
-            import ray
-
-            if ray.is_initialized():
-                ray.shutdown()
+            stop_ray()
         with contextlib.suppress(Exception):
             for r in tracker.child_runs(parent):
                 if r.info.status == "RUNNING":

@@ -297,6 +297,19 @@ def _ground_truth_correlation(ground_truth, teacher: EnsembleTeacher, images: np
     return {"n_neurons": len(shared), "median_r": float(np.nanmedian(r)), "r": r.tolist()}
 
 
+#: TeacherConfig fields that do not change what is trained (where and how fast it runs).
+RUNTIME_FIELDS = ("device", "threads", "feature_batch_size", "feature_cache_dir", "data_dir")
+
+
+def training_stamp(config: TeacherConfig, sessions: Sequence[Session]) -> dict:
+    """What a trained teacher was made from, for the report: the training config (runtime fields
+    left out) and every session it could see (id -> role, neurons, images). A job that finds a
+    teacher in its folder compares this stamp with its own before reusing it."""
+    cfg = {k: v for k, v in config.to_dict().items() if k not in RUNTIME_FIELDS}
+    data = {s.session_id: [s.role, s.n_neurons, s.n_images] for s in sessions}
+    return json.loads(json.dumps({"config": cfg, "sessions": data}, sort_keys=True, default=str))
+
+
 def run_teacher_training(config: "str | Path | dict | TeacherConfig", data_dir: str | Path | None,
                          out_dir: str | Path, callback: Callback | None = None) -> tuple[EnsembleTeacher, dict]:
     """Train a teacher, fit the test session's readout on its first half, score its second half.
@@ -316,6 +329,7 @@ def run_teacher_training(config: "str | Path | dict | TeacherConfig", data_dir: 
         cache = FeatureCache(config.feature_cache_dir, config.feature_batch_size, resolve_device(config.device))
         teacher = train_teacher(train, val, config, callback, cache)
         report: dict = {
+            "trained_on": training_stamp(config, sessions),
             "pretrained": teacher.pretrained,
             "backbone": teacher.backbone.spec.to_dict(),
             "train_sessions": [s.session_id for s in train],

@@ -664,6 +664,64 @@ def test_the_demo_config_end_to_end(tiny_base, local_ray, tmp_path, capsys):
     assert written["job_id"] == result.job_id and len(written["neurons"]) == 3
 
 
+def test_own_recordings_written_as_sessions_are_a_job(tiny_base, local_ray, tmp_path):
+    """README "Your own recordings": a lab's arrays made into Sessions and written with write_session
+    (here the arrays of a simulated population, under the lab's own session ids); a job with
+    ``data.kind: sessions`` then trains the ensemble teacher on them and compresses the test session's
+    neurons, scored with r2_er on its second half. Without a test session it stops before training,
+    naming the fix."""
+    from farm.data.sessions import Session, write_session
+    from farm.data.simulate import SimulationConfig, simulate_population
+    from farm.pipeline import run_compress_job
+
+    pop = simulate_population(SimulationConfig(n_sessions=3, n_neurons=3, n_images=240, image_size=32,
+                                               filters=(3, 4)))
+    mine = tmp_path / "recordings"
+    mine.mkdir()
+    for i, s in enumerate(pop.sessions):
+        write_session(Session(session_id=f"m{i}", images=s.images, responses=s.responses,
+                              image_kinds=s.image_kinds, role=s.role, animal="monkey-a"), mine / f"m{i}.parquet")
+    shutil.copyfile(tiny_base / "template.db", tmp_path / "mlflow.db")
+
+    def job(data_dir: Path, *extra: str):
+        return load_job_config("demo", [
+            f"out_dir={tmp_path / 'out'}", "data.kind=sessions", f"data.dir={data_dir}", "neurons=all",
+            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "bank.bank.n_images=600", "bank.heldout=150",
+            "compress.student_filters=[6,6,6,6,6]", "compress.distill.passes=1", "compress.retrain.passes=1", *extra])
+
+    result = run_compress_job(job(mine), progress=False)
+    assert result.failed == []
+    assert [s["neuron_id"] for s in result.summary] == ["m2:0", "m2:1", "m2:2"]  # the test session's
+    for s in result.summary:
+        assert s["param_count"] > 0 and 0 <= s["r2_teacher_heldout"] <= 1 and np.isfinite(s["r2_er"])
+    assert sorted(run_compress_job(job(mine), progress=False).skipped) == ["m2:0", "m2:1", "m2:2"]  # resumed
+    with pytest.raises(ValueError, match=r"trained from a teacher config that differs in test_session \(None -> 'm1'\)"):
+        run_compress_job(job(mine, "teacher.session=m1"), progress=False)
+
+    # other recordings in the same out_dir: the teacher stored there is stale, refused before any work
+    changed = tmp_path / "changed"
+    changed.mkdir()
+    for i, s in enumerate(pop.sessions):
+        write_session(Session(session_id=f"m{i}", images=s.images[:200], responses=s.responses[:, :200],
+                              image_kinds=s.image_kinds[:200], role=s.role), changed / f"m{i}.parquet")
+    with pytest.raises(ValueError, match=r"out/teacher: this job's teacher was trained from sessions \['m0', 'm1', "
+                                         r"'m2'\] .*240.*now holds .*200.*Remove .*teacher.kind: saved"):
+        run_compress_job(job(changed), progress=False)
+    shutil.copytree(tmp_path / "out" / "teacher", tmp_path / "kept_teacher")  # reused on purpose: kind saved
+    kept = run_compress_job(job(changed, "teacher.kind=saved", f"teacher.path={tmp_path / 'kept_teacher'}",
+                                "neurons=m2:0"), progress=False)
+    assert kept.failed == [] and [s["neuron_id"] for s in kept.summary] == ["m2:0"]
+    # no session with role "test" and no teacher.session: a clear error, before any teacher work
+    other = tmp_path / "no_test"
+    other.mkdir()
+    write_session(Session(session_id="x0", images=pop.sessions[0].images, responses=pop.sessions[0].responses,
+                          image_kinds=pop.sessions[0].image_kinds, role="train"), other / "x0.parquet")
+    shutil.rmtree(tmp_path / "out" / "teacher")
+    with pytest.raises(ValueError, match="no session has role 'test'; name one with teacher.session"):
+        run_compress_job(job(other), progress=False)
+    assert not (tmp_path / "out" / "teacher").exists()
+
+
 # -- real V4 neurons through the farm ---------------------------------------------------------------
 @pytest.mark.slow
 def test_the_v4_190923_config_compresses_real_neurons(tiny_base, local_ray, tmp_path, v4_dir, published_dir):
