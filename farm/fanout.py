@@ -67,6 +67,14 @@ _started_local = False  # this process's Ray is the local instance init_ray star
 _LOCAL_TOKEN: str | None = None  # this process's token for the local Ray instances it starts
 
 
+def stop_ray() -> None:
+    """Shut this driver's Ray down (its tasks stop), if it started or joined one."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
 def local_auth_vars() -> dict[str, str]:
     """The auth settings the embedded local Ray starts with. Its GCS, raylet and worker ports listen
     on every interface (Ray 2.60 cannot bind them to loopback, ecosystem.md §5f), so without auth

@@ -5,7 +5,9 @@ a shared compact model (K "early" filters in layers 0-2, wider "late" layers 3-4
 readout per neuron) predicts nearly as well as the per-neuron models. Distilling it costs about one
 student's training for ALL neurons, so every neuron gets the images of the whole job's budget. Each
 neuron's Ray task then starts from its output's slice (``farm.models.compact.output_slice``: an exact
-single-neuron dense model), prunes it and retrains it alone ("specialize"; ``farm.compress``).
+single-neuron dense model), or, with ``compress.specialize`` set (both real-V4 configs), from
+``farm.specialize``'s narrower model fitted to that slice's feature map; then prunes and retrains it
+alone (``farm.compress``).
 
     shared = distill_shared(neuron_ids, images, targets, SharedStartConfig(early_filters=16))
     start = output_slice(shared.model, "sim7:3")   # then compress_neuron(..., distilled=start)
