@@ -13,7 +13,7 @@ env:
 demo: env
 	$(VENV)/bin/farm demo
 
-# The fast suite (what CI runs): everything but the tests marked slow. 5-9 min on the 2-core VM (8 min 38 s on 2026-12-03, idle).
+# The fast suite (what CI runs): everything but the tests marked slow. 4-9 min on the 2-core VM (4 min 15 s on 2026-12-04, idle).
 test: env
 	$(PY) -m pytest -q -m "not slow"
 
