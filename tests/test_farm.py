@@ -433,11 +433,11 @@ def test_a_killed_worker_still_ends_with_one_finished_run_per_neuron(tiny_inputs
 
 
 # -- a killed driver (slow: two CLI processes, each starting Ray) ------------------------------------
-def _driver(tmp_path: Path, base: Path, ray_tmp: str):
+def _driver(tmp_path: Path, base: Path, ray_tmp: str, **overrides):
     """A `farm compress` command line for a tiny job of sim1, its environment and its store's client."""
     from mlflow import MlflowClient
 
-    cfg_path = write_config(tmp_path, base, neurons="sim1")
+    cfg_path = write_config(tmp_path, base, neurons="sim1", **overrides)
     env = {**os.environ, **RAY_ENV, "RAY_TMPDIR": ray_tmp, "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)
     cmd = [sys.executable, "-m", "farm.cli", "compress", "--config", str(cfg_path)]
@@ -446,7 +446,9 @@ def _driver(tmp_path: Path, base: Path, ray_tmp: str):
 
 @pytest.mark.slow
 def test_killing_the_driver_and_rerunning_completes_without_duplicates(tiny_base, ray_tmp, tmp_path):
-    cmd, env, client = _driver(tmp_path, tiny_base, ray_tmp)
+    # one neuron task at a time (2 CPUs each on the 2-CPU local Ray): the kill lands while the next
+    # neuron is still running (with two at a time, all 4 tiny neurons sometimes finished first)
+    cmd, env, client = _driver(tmp_path, tiny_base, ray_tmp, farm={"num_cpus": 2})
 
     def finished_children() -> dict[str, str]:
         exp = client.get_experiment_by_name("tiny")
