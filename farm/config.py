@@ -88,6 +88,10 @@ class BankSpec:
     def __post_init__(self):
         if self.heldout < 1:
             raise ValueError(f"heldout must be >= 1 held-out image, got {self.heldout}")
+        n = self.bank.get("n_images") if isinstance(self.bank, dict) else None
+        if isinstance(n, int) and not isinstance(n, bool) and n >= 1 and self.heldout > n // 2:  # n < 1: BankConfig's
+            raise ValueError(f"heldout: {self.heldout} held-out images of a {n}-image bank (bank.n_images) leave "
+                             f"fewer to train on than to hold out; at most {n // 2}")
 
 
 @dataclass

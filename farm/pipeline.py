@@ -61,8 +61,16 @@ def prepare_sessions(cfg: JobConfig):
         from farm.data.simulate import (SimulationConfig, load_ground_truth, simulate_population,
                                         write_population)
 
-        if not (d / "population.json").is_file():
-            sim = SimulationConfig.from_dict({"seed": cfg.seed, **cfg.data.simulate})
+        sim = SimulationConfig.from_dict({"seed": cfg.seed, **cfg.data.simulate})
+        if (d / "population.json").is_file():  # a simulated population serves only the config that made it
+            old = json.loads((d / "population.json").read_text()).get("config", {})
+            new = json.loads(json.dumps(sim.to_dict()))  # as stored (tuples as lists)
+            diff = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+            if diff:
+                raise ValueError(f"data.simulate: the population simulated in {d} was made with another config ("
+                                 + ", ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} asked" for k in diff)
+                                 + f"); delete {d} to simulate it again, or set data.dir to another folder")
+        else:
             log.info("simulating %d sessions x %d neurons x %d images (%d px) into %s",
                      sim.n_sessions, sim.n_neurons, sim.n_images, sim.image_size, d)
             write_population(simulate_population(sim), d)
@@ -180,11 +188,14 @@ def _test_session(sessions) -> str:
 def prepare_bank(cfg: JobConfig, sessions, exclude: set[str], image_size: int):
     """The distillation bank, built from the images of sessions with ``bank.source_roles``, never
     from the sessions in ``exclude`` (the neurons' own sessions, whose images evaluate them)."""
-    from farm.data.images import BankConfig, ImageBank, build_bank
+    from farm.data.images import BankConfig, ImageBank, build_bank, source_digest
 
     bdir = Path(cfg.bank.dir) if cfg.bank.dir else Path(cfg.out_dir) / "bank"
     bconf = BankConfig.from_dict({"image_size": image_size, "seed": cfg.seed, **cfg.bank.bank})
-    if (bdir / "bank.json").is_file():  # a cached bank serves only the config that built it
+    used = [s for s in sessions if s.role in cfg.bank.source_roles
+            and s.session_id not in exclude and s.images_available and s.images.size]
+    sources = [s.images for s in used]
+    if (bdir / "bank.json").is_file():  # a cached bank serves only the config and sources that built it
         bank = ImageBank(bdir)
         old, new = bank.config.to_dict(), bconf.to_dict()
         if old != new:
@@ -192,9 +203,14 @@ def prepare_bank(cfg: JobConfig, sessions, exclude: set[str], image_size: int):
                              if old.get(k) != new.get(k))
             raise ValueError(f"bank: the image bank cached in {bdir} was built with another config ({diff}); "
                              f"delete {bdir} to rebuild it, or set bank.dir to another folder")
+        natural = bconf.proportions.get("natural", 0) > 0  # without natural images the sources are unused
+        if natural and bank.manifest.get("source_hash") not in (None, source_digest(sources or None)):
+            raise ValueError(f"bank: the image bank cached in {bdir} was built from other source images than "
+                             f"this job's (sessions {[s.session_id for s in used]}: roles {cfg.bank.source_roles}, "
+                             f"never {sorted(exclude)}, whose images evaluate the neurons); bank.source_roles, "
+                             f"the teacher's session or the sessions changed. Delete {bdir} to rebuild it, or set "
+                             f"bank.dir to another folder")
         return bank
-    sources = [s.images for s in sessions if s.role in cfg.bank.source_roles
-               and s.session_id not in exclude and s.images_available and s.images.size]
     if not sources and bconf.proportions.get("natural", 0) > 0:
         raise ValueError(f"bank: no source images in sessions with roles {cfg.bank.source_roles} "
                          f"(excluding {sorted(exclude)}); set bank.bank.proportions without 'natural'")
@@ -242,6 +258,12 @@ def prepare_job(cfg: JobConfig, tracker: Tracker | None = None, progress: bool =
 
     sessions, truth, sessions_dir = prepare_sessions(cfg)
     teacher, tinfo = prepare_teacher(cfg, sessions, truth, sessions_dir, tracker)
+    for key, sel in (("neurons", cfg.neurons), ("sweep.neurons", cfg.sweep.neurons)):
+        if sel:  # a selection naming neurons the teacher lacks fails now, before the bank and its responses
+            try:
+                parse_neuron_selection(sel, list(teacher.neuron_ids))
+            except ValueError as e:
+                raise ValueError(f"{key}: {e}") from None
     neuron_sessions = {n.split(":", 1)[0] for n in teacher.neuron_ids}
     image_size = next(s.images.shape[1] for s in sessions if s.images.size)
     bank = prepare_bank(cfg, sessions, neuron_sessions, image_size)

@@ -58,6 +58,8 @@ BAD_OVERRIDES = [  # (override, what the message must name)
     ("farm.num_cpus=[1]", r"farm.num_cpus: got \[1\] \(list\), expected a number"),
     ("farm.memory_gb=0", r"farm: memory_gb must be > 0 GiB per task \(or null\), got 0"),
     ("bank.bank.n_images=0", r"bank.bank: BankConfig.n_images must be >= 1, got 0"),
+    ("bank.bank.n_images=600", r"bank: heldout: 500 held-out images of a 600-image bank \(bank.n_images\) leave "
+                               r"fewer to train on than to hold out; at most 300"),
     ("data.simulate.n_neuron=3", r"data.simulate: unknown key\(s\) \['n_neuron'\].*did you mean 'n_neurons'"),
     ("teacher.kind=ensembel", r"teacher.kind: got 'ensembel' \(str\), expected one of 'ensemble', 'saved'"),
     ("sweep.criteria=[reconstructon]", r"sweep.criteria\[0\]: got 'reconstructon'"),

@@ -180,6 +180,30 @@ def test_compress_job_end_to_end_then_rerun_is_idempotent(tiny_base, local_ray, 
            {r.info.run_id for r in children}
 
 
+def test_a_changed_simulation_or_a_selection_the_teacher_lacks_fails_before_any_work(tiny_base, tmp_path):
+    """data.simulate changed on an existing data.dir used to load the old population silently; a
+    neuron selection naming neurons the teacher lacks was found only after the bank and its teacher
+    responses. Both now fail first, naming the key."""
+    from farm.pipeline import prepare_job, prepare_sessions
+
+    cfg = load_job_config(write_config(tmp_path / "a", tiny_base))
+    more = {**cfg.data.simulate, "n_neurons": N_NEURONS + 1}
+    changed = load_job_config(write_config(tmp_path / "b", tiny_base, data={"simulate": more}))
+    with pytest.raises(ValueError, match=rf"data.simulate: the population simulated in {tiny_base / 'data'} was "
+                                         rf"made with another config \(n_neurons: {N_NEURONS} there, {N_NEURONS + 1} "
+                                         rf"asked\); delete"):
+        prepare_sessions(changed)
+    assert len(prepare_sessions(cfg)[0]) == 2  # the config that made it: reused
+    beyond = load_job_config(write_config(tmp_path / "c", tiny_base, neurons=f"sim1:0-{N_NEURONS}"))
+    with pytest.raises(ValueError, match=rf"neurons: neuron selection 'sim1:0-{N_NEURONS}': sim1:{N_NEURONS} is "
+                                         rf"not one of the teacher's neurons"):
+        prepare_job(beyond)
+    sweep = load_job_config(write_config(tmp_path / "d", tiny_base, sweep={"neurons": "sim0:0"}))
+    with pytest.raises(ValueError, match=r"sweep.neurons: neuron selection 'sim0:0'"):
+        prepare_job(sweep)
+    assert not (tmp_path / "c" / "out" / "responses").exists() and not (tmp_path / "d" / "out" / "responses").exists()
+
+
 def test_a_shared_recipe_job_trains_one_shared_student_and_starts_each_neuron_from_its_slice(
         tiny_base, local_ray, tmp_path, capsys):
     """compress.recipe: shared. The driver distills ONE shared student for the teacher's neurons
@@ -710,8 +734,12 @@ def test_own_recordings_written_as_sessions_are_a_job(tiny_base, local_ray, tmp_
                                          r"'m2'\] .*240.*now holds .*200.*Remove .*teacher.kind: saved"):
         run_compress_job(job(changed), progress=False)
     shutil.copytree(tmp_path / "out" / "teacher", tmp_path / "kept_teacher")  # reused on purpose: kind saved
+    with pytest.raises(ValueError, match=r"bank: the image bank cached in .*out/bank was built from other source "
+                                         r"images than this job's \(sessions \['m0', 'm1'\]"):  # the old images'
+        run_compress_job(job(changed, "teacher.kind=saved", f"teacher.path={tmp_path / 'kept_teacher'}"),
+                         progress=False)
     kept = run_compress_job(job(changed, "teacher.kind=saved", f"teacher.path={tmp_path / 'kept_teacher'}",
-                                "neurons=m2:0"), progress=False)
+                                "neurons=m2:0", f"bank.dir={tmp_path / 'bank2'}"), progress=False)  # new sources
     assert kept.failed == [] and [s["neuron_id"] for s in kept.summary] == ["m2:0"]
     # no session with role "test" and no teacher.session: a clear error, before any teacher work
     other = tmp_path / "no_test"

@@ -251,12 +251,41 @@ def test_a_jobs_cached_bank_serves_only_the_config_that_built_it(tmp_path):
     from farm.config import load_job_config
     from farm.pipeline import prepare_bank
 
-    cfg = load_job_config("demo", [f"out_dir={tmp_path}", "bank.bank={n_images: 40, shard_size: 40, "
+    cfg = load_job_config("demo", [f"out_dir={tmp_path}", "bank.heldout=10", "bank.bank={n_images: 40, shard_size: 40, "
                                    "proportions: {synthetic: 1.0}}"])
     bank = prepare_bank(cfg, [], set(), 16)
     assert len(bank) == 40 and prepare_bank(cfg, [], set(), 16).bank_id == bank.bank_id  # cached
-    bigger = load_job_config("demo", [f"out_dir={tmp_path}", "bank.bank={n_images: 80, shard_size: 40, "
+    bigger = load_job_config("demo", [f"out_dir={tmp_path}", "bank.heldout=10", "bank.bank={n_images: 80, shard_size: 40, "
                                       "proportions: {synthetic: 1.0}}"])
     with pytest.raises(ValueError, match=rf"built with another config \(n_images: 40 there, 80 asked\); "
                                          rf"delete {tmp_path}/bank to rebuild it"):
         prepare_bank(bigger, [], set(), 16)
+
+
+def test_a_jobs_cached_bank_serves_only_the_source_images_that_built_it(tmp_path):
+    """A bank built from some sessions' images is not reused for a job whose sources differ (another
+    bank.source_roles, or another evaluated session excluded): that would train on the images that
+    evaluate the neurons, or on images the config does not name."""
+    from farm.config import load_job_config
+    from farm.data.sessions import Session
+    from farm.pipeline import prepare_bank
+
+    rng = np.random.default_rng(0)
+
+    def session(sid, role):
+        return Session(session_id=sid, images=rng.integers(0, 256, (20, 16, 16, 3), dtype=np.uint8),
+                       responses=rng.random((2, 20, 2), dtype=np.float32), image_kinds=["natural"] * 20, role=role)
+
+    sessions = [session("a", "train"), session("b", "train"), session("c", "test")]
+    cfg = load_job_config("demo", [f"out_dir={tmp_path}", "bank.heldout=10",
+                                   "bank.bank={n_images: 40, shard_size: 40, proportions: {natural: 1.0}}"])
+    bank = prepare_bank(cfg, sessions, {"c"}, 16)
+    assert prepare_bank(cfg, sessions, {"c"}, 16).bank_id == bank.bank_id  # same sources: cached
+    with pytest.raises(ValueError, match=rf"bank: the image bank cached in {tmp_path}/bank was built from other "
+                                         rf"source images than this job's \(sessions \['a'\]: .*never \['b'\].*"
+                                         rf"Delete {tmp_path}/bank"):
+        prepare_bank(cfg, sessions, {"b"}, 16)  # b evaluates the neurons now: its images must not be in the bank
+    roles = load_job_config("demo", [f"out_dir={tmp_path}", "bank.heldout=10", "bank.source_roles=[train, test]",
+                                     "bank.bank={n_images: 40, shard_size: 40, proportions: {natural: 1.0}}"])
+    with pytest.raises(ValueError, match=r"built from other source images .*\['a', 'b', 'c'\]"):
+        prepare_bank(roles, sessions, set(), 16)

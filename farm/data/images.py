@@ -562,6 +562,12 @@ def _shard_matches(path: Path, bank_id: str, index: int, n: int) -> bool:
         return False
 
 
+def source_digest(source_images) -> str:
+    """The digest ``build_bank`` records as the bank's ``source_hash`` for these source images (None:
+    no sources): a cached bank can be checked against the sources a job would build it from."""
+    return _Sources(source_images).digest()
+
+
 def build_bank(source_images, config: BankConfig, out_dir: str | Path,
                progress: Callable[[int, int], None] | None = None) -> "ImageBank":
     """Generate an image bank into ``out_dir`` and return it opened.
