@@ -112,6 +112,23 @@ class AnalyzeJobResult:
         return [r for r in self.rows if r.get("status") == "FAILED"]
 
 
+def _download_whole(tracker: Tracker, run_id: str, local: Path) -> None:
+    """The run's ``model`` artifact into ``local/model``, through a temporary sibling folder renamed
+    into place: an interrupted download leaves no folder that a rerun would take for a model."""
+    import shutil
+    import tempfile
+
+    local.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=local.parent, prefix=f".{local.name}."))
+    try:
+        tracker.download(run_id, "model", tmp)
+        shutil.rmtree(local, ignore_errors=True)  # what an earlier, interrupted download left
+        tmp.rename(local)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def job_models(tracker: Tracker, job_id: str, dst: Path, neurons: Sequence[str] | None = None) -> list[tuple]:
     """(neuron id, run, local model folder) for each FINISHED neuron run of the job ``job_id``,
     models downloaded under ``dst`` (reused when already there)."""
@@ -126,8 +143,8 @@ def job_models(tracker: Tracker, job_id: str, dst: Path, neurons: Sequence[str] 
     for run in sorted(runs, key=lambda r: neuron_sort_key(r.data.tags[TAG_NEURON])):
         nid = run.data.tags[TAG_NEURON]
         local = dst / _safe(nid)
-        if not (local / "model" / "spec.json").is_file():
-            tracker.download(run.info.run_id, "model", local)
+        if not all((local / "model" / f).is_file() for f in ("spec.json", "state_dict.pt")):
+            _download_whole(tracker, run.info.run_id, local)
         out.append((nid, run, local / "model"))
     return out
 

@@ -49,6 +49,24 @@ def code_version() -> str:
     return farm.__version__
 
 
+def check_input_paths(cfg: JobConfig) -> None:
+    """Every input file or folder the config names exists, before any work (not at load: a config
+    submitted to a cluster is loaded where head-only paths may not exist). FileNotFoundError naming
+    the key."""
+    named = {}
+    if cfg.data.kind == "v4" and cfg.data.source:
+        named["data.source"] = cfg.data.source
+    if cfg.teacher.kind in ("saved", "shared_compact", "published_compact"):
+        named["teacher.path"] = cfg.teacher.path
+    shared = cfg.compress.shared
+    if shared is not None:
+        named["compress.shared.path"] = shared.path
+        named["compress.shared.init_from"] = shared.init_from
+    for key, p in named.items():
+        if p and not Path(p).expanduser().exists():
+            raise FileNotFoundError(f"{key}: {p} does not exist (relative paths are read from {Path.cwd()})")
+
+
 # -- stage 1: sessions ------------------------------------------------------------------------------
 def prepare_sessions(cfg: JobConfig):
     """Sessions (and the simulated ground truth, if any) for the job. Returns (sessions, truth, dir)."""
@@ -256,6 +274,7 @@ def prepare_job(cfg: JobConfig, tracker: Tracker | None = None, progress: bool =
     from farm.teacher_responses import compute_teacher_responses, split_heldout
     from farm.metrics import evaluate_predictions
 
+    check_input_paths(cfg)
     sessions, truth, sessions_dir = prepare_sessions(cfg)
     teacher, tinfo = prepare_teacher(cfg, sessions, truth, sessions_dir, tracker)
     for key, sel in (("neurons", cfg.neurons), ("sweep.neurons", cfg.sweep.neurons)):

@@ -57,7 +57,11 @@ def teacher_command(args) -> int:
         print(json.dumps(evaluate_teacher(teacher, s, "second"), indent=2, default=float))
         return 0
     if args.teacher_cmd == "predict":
-        np.save(args.out, teacher.predict(images))
+        from farm.files import atomic_path
+
+        pred = teacher.predict(images)
+        with atomic_path(args.out) as tmp, open(tmp, "wb") as f:  # no half-written file on failure
+            np.save(f, pred)
         print(f"{images.shape[0]} images x {len(teacher.neuron_ids)} neurons -> {args.out}")
         return 0
     raise ValueError(f"unknown teacher command {args.teacher_cmd}")
@@ -66,7 +70,14 @@ def teacher_command(args) -> int:
 def _load_images(path) -> np.ndarray:
     """Images for ``farm teacher predict``: uint8 RGB (N, H, W, 3), 0-255 (floats in [0, 1] are refused
     with a hint rather than read as near-black 0-255 images)."""
-    images = np.load(path, allow_pickle=False)
+    try:
+        images = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise ValueError(f"{path}: not a readable .npy array of images (uint8 RGB (N, H, W, 3), saved with "
+                         f"np.save): {e}") from None
+    if not isinstance(images, np.ndarray):  # an .npz archive
+        raise ValueError(f"{path}: an .npz archive ({', '.join(images.files)}); give one .npy array of images, "
+                         f"uint8 RGB (N, H, W, 3), saved with np.save")
     if images.dtype != np.uint8:
         floats01 = (np.issubdtype(images.dtype, np.floating) and images.size
                     and 0 <= float(images.min()) <= float(images.max()) <= 1)

@@ -179,6 +179,20 @@ def test_compress_job_end_to_end_then_rerun_is_idempotent(tiny_base, local_ray, 
     assert {r.info.run_id for r in neuron_children(tracker, res.parent_run_id)} == \
            {r.info.run_id for r in children}
 
+    # `farm analyze` downloads the job's models; a folder an interrupted download left (spec.json
+    # without weights) is fetched again, not taken for a model
+    from farm.analyze_job import job_models
+
+    dst = tmp_path / "models"
+    half = dst / neurons[0].replace(":", "_") / "model"
+    half.mkdir(parents=True)
+    (half / "spec.json").write_text("{}")
+    got = job_models(tracker, res.job_id, dst)
+    assert [n for n, _, _ in got] == sorted(neurons, key=lambda n: int(n.split(":")[1]))
+    for nid, run, folder in got:
+        assert list(load_compact(folder).spec.neuron_ids) == [nid]
+    assert not [p for p in dst.iterdir() if p.name.startswith(".")]  # no temporary folder left
+
 
 def test_a_changed_simulation_or_a_selection_the_teacher_lacks_fails_before_any_work(tiny_base, tmp_path):
     """data.simulate changed on an existing data.dir used to load the old population silently; a
@@ -202,6 +216,18 @@ def test_a_changed_simulation_or_a_selection_the_teacher_lacks_fails_before_any_
     with pytest.raises(ValueError, match=r"sweep.neurons: neuron selection 'sim0:0'"):
         prepare_job(sweep)
     assert not (tmp_path / "c" / "out" / "responses").exists() and not (tmp_path / "d" / "out" / "responses").exists()
+
+
+def test_a_missing_input_path_fails_before_any_work_naming_its_key(tmp_path):
+    from farm.pipeline import prepare_job
+
+    for sets, key in ((["teacher.kind=saved", f"teacher.path={tmp_path / 'no_teacher'}"], "teacher.path"),
+                      ([f"compress.shared.path={tmp_path / 'no.keras'}"], "compress.shared.path"),
+                      (["data.kind=v4", f"data.source={tmp_path / 'no_release'}"], "data.source")):
+        cfg = load_job_config("demo", [f"out_dir={tmp_path / 'out'}", f"data.dir={tmp_path / 'data'}", *sets])
+        with pytest.raises(FileNotFoundError, match=rf"{key}: {tmp_path}/no\S* does not exist"):
+            prepare_job(cfg)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "data").exists()
 
 
 def test_a_shared_recipe_job_trains_one_shared_student_and_starts_each_neuron_from_its_slice(

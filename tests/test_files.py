@@ -62,6 +62,36 @@ def test_teacher_predict_refuses_float_images_with_a_hint(tmp_path, capsys):
     assert "multiply by 255 and cast to uint8" in err
 
 
+def test_teacher_predict_names_a_bad_images_file_or_size_and_writes_its_output_whole(tmp_path, capsys,
+                                                                                      published_dir):
+    """An .npz archive, a truncated .npy and images of the wrong size for the teacher were raw numpy /
+    torch tracebacks; each is now an error naming the file or the sizes, with no output written."""
+    import numpy as np
+
+    from farm.cli import main
+
+    keras = published_dir / "shared_compact_models" / "from_ensemble_model" / "shared_compact_model_5filters.keras"
+    assert main(["teacher", "import", "shared_compact", str(keras), "--session", "190923",
+                 "--out", str(tmp_path / "teacher")]) == 0
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "a.npz", images=rng.integers(0, 256, (2, 112, 112, 3), dtype=np.uint8))
+    np.save(tmp_path / "whole.npy", rng.integers(0, 256, (2, 112, 112, 3), dtype=np.uint8))
+    (tmp_path / "cut.npy").write_bytes((tmp_path / "whole.npy").read_bytes()[:5000])
+    np.save(tmp_path / "small.npy", rng.integers(0, 256, (2, 16, 16, 3), dtype=np.uint8))
+    for name, message in (("a.npz", "a.npz: an .npz archive (images); give one .npy array"),
+                          ("cut.npy", "cut.npy: not a readable .npy array of images"),
+                          ("small.npy", "the images are 16x16 px but the model takes 112x112")):
+        capsys.readouterr()
+        rc = main(["teacher", "predict", str(tmp_path / "teacher"), str(tmp_path / name), "--out",
+                   str(tmp_path / "y.npy")])
+        err = capsys.readouterr().err
+        assert rc == 2 and message in err, err
+        assert not list(tmp_path.glob("*y.npy*")), name  # nothing written, no temp file left
+    assert main(["teacher", "predict", str(tmp_path / "teacher"), str(tmp_path / "whole.npy"), "--out",
+                 str(tmp_path / "y.npy")]) == 0
+    assert np.load(tmp_path / "y.npy").shape == (2, 33)  # 190923's 33 neurons
+
+
 def test_one_driver_per_job_and_the_second_is_told_who_holds_it(tmp_path):
     """A second driver of the same job exits at once naming the first (pid, host), never
     compressing the job's neurons a second time; the lock is free again afterwards."""

@@ -44,8 +44,10 @@ class CompactTeacher:
         # large cost as much to zero as the convolution itself (measured on 2 CPU cores).
         import torch
 
-        from farm.models.input import recenter
+        from farm.models.input import check_size, recenter
 
+        for m in self.models:  # a clear error, not a shape mismatch deep in the readout
+            check_size(m, images, "CompactTeacher.predict: the images")
         out = np.empty((len(images), len(self.neuron_ids)), dtype=np.float32)
         with torch.inference_mode():
             for s in range(0, len(images), batch_size):
