@@ -203,6 +203,26 @@ def _test_session(sessions) -> str:
 
 
 # -- stage 3: image bank + teacher responses --------------------------------------------------------
+def job_image_size(cfg: JobConfig, sessions, teacher) -> int:
+    """The one image size of the job: its sessions' (every model is scored on their images). A bank,
+    student or compact teacher of another size fails here, naming the key, instead of in every
+    neuron task after its training."""
+    size = next((s.images.shape[1] for s in sessions if s.images_available and s.images.size), None)
+    if size is None:
+        raise ValueError(f"{cfg.data.dir}: no session has images; the bank, the teacher and the compact models "
+                         f"need the sessions' images")
+    asked = {"bank.bank.image_size": cfg.bank.bank.get("image_size"),
+             "compress.image_size": cfg.compress.image_size}
+    for m in getattr(teacher, "models", []):  # compact teachers take one size (an ensemble resizes)
+        asked[f"teacher ({cfg.teacher.kind} at {cfg.teacher.path})"] = getattr(m.spec, "image_size", None)
+    bad = {k: v for k, v in asked.items() if v is not None and v != size}
+    if bad:
+        raise ValueError(f"the sessions' images are {size} px, but " + ", ".join(f"{k} is {v}" for k, v in bad.items())
+                         + f": every model is scored on the sessions' images, so the job needs {size} px throughout")
+    return size
+
+
+
 def prepare_bank(cfg: JobConfig, sessions, exclude: set[str], image_size: int):
     """The distillation bank, built from the images of sessions with ``bank.source_roles``, never
     from the sessions in ``exclude`` (the neurons' own sessions, whose images evaluate them)."""
@@ -284,7 +304,7 @@ def prepare_job(cfg: JobConfig, tracker: Tracker | None = None, progress: bool =
             except ValueError as e:
                 raise ValueError(f"{key}: {e}") from None
     neuron_sessions = {n.split(":", 1)[0] for n in teacher.neuron_ids}
-    image_size = next(s.images.shape[1] for s in sessions if s.images.size)
+    image_size = job_image_size(cfg, sessions, teacher)
     bank = prepare_bank(cfg, sessions, neuron_sessions, image_size)
     runner = None
     if 0 < cfg.farm.teacher_tasks_min_images <= len(bank) and len(bank.shards) > 1:

@@ -218,6 +218,20 @@ def test_a_changed_simulation_or_a_selection_the_teacher_lacks_fails_before_any_
     assert not (tmp_path / "c" / "out" / "responses").exists() and not (tmp_path / "d" / "out" / "responses").exists()
 
 
+def test_an_image_size_other_than_the_sessions_fails_before_the_bank(tiny_base, tmp_path):
+    """A bank or student at another size than the sessions' images failed in every neuron task, after
+    its training (scoring on the sessions' images); now before the bank, naming the key."""
+    from farm.pipeline import prepare_job
+
+    bank = load_job_config(write_config(tmp_path / "a", tiny_base, bank={"bank": {"n_images": 1000, "image_size": 24}}))
+    with pytest.raises(ValueError, match=r"the sessions' images are 16 px, but bank.bank.image_size is 24"):
+        prepare_job(bank)
+    student = load_job_config(write_config(tmp_path / "b", tiny_base, compress={**TINY_COMPRESS, "image_size": 24}))
+    with pytest.raises(ValueError, match=r"the sessions' images are 16 px, but compress.image_size is 24"):
+        prepare_job(student)
+    assert not (tmp_path / "a" / "out" / "responses").exists()
+
+
 def test_a_missing_input_path_fails_before_any_work_naming_its_key(tmp_path):
     from farm.pipeline import prepare_job
 
