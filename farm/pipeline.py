@@ -213,8 +213,11 @@ def job_image_size(cfg: JobConfig, sessions, teacher) -> int:
                          f"need the sessions' images")
     asked = {"bank.bank.image_size": cfg.bank.bank.get("image_size"),
              "compress.image_size": cfg.compress.image_size}
-    for m in getattr(teacher, "models", []):  # compact teachers take one size (an ensemble resizes)
-        asked[f"teacher ({cfg.teacher.kind} at {cfg.teacher.path})"] = getattr(m.spec, "image_size", None)
+    sizes = {getattr(getattr(m, "spec", None), "image_size", None) for m in getattr(teacher, "models", [])}
+    sizes.discard(None)  # compact teachers take one size (an ensemble resizes)
+    if sizes:
+        asked[f"the teacher ({cfg.teacher.kind}{f' at {cfg.teacher.path}' if cfg.teacher.path else ''})"] = \
+            sizes.pop() if len(sizes) == 1 else sorted(sizes)
     bad = {k: v for k, v in asked.items() if v is not None and v != size}
     if bad:
         raise ValueError(f"the sessions' images are {size} px, but " + ", ".join(f"{k} is {v}" for k, v in bad.items())
