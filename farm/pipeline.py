@@ -49,6 +49,15 @@ def code_version() -> str:
     return farm.__version__
 
 
+def _changed(old: dict, new: dict) -> list[str]:
+    """The keys whose values differ between a cache's recorded config and the job's (sorted)."""
+    return [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+def _there_asked(old: dict, new: dict) -> str:
+    return ", ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} asked" for k in _changed(old, new))
+
+
 def check_input_paths(cfg: JobConfig) -> None:
     """Every input file or folder the config names exists, before any work (not at load: a config
     submitted to a cluster is loaded where head-only paths may not exist). FileNotFoundError naming
@@ -83,11 +92,10 @@ def prepare_sessions(cfg: JobConfig):
         if (d / "population.json").is_file():  # a simulated population serves only the config that made it
             old = json.loads((d / "population.json").read_text()).get("config", {})
             new = json.loads(json.dumps(sim.to_dict()))  # as stored (tuples as lists)
-            diff = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-            if diff:
-                raise ValueError(f"data.simulate: the population simulated in {d} was made with another config ("
-                                 + ", ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} asked" for k in diff)
-                                 + f"); delete {d} to simulate it again, or set data.dir to another folder")
+            if _changed(old, new):
+                raise ValueError(f"data.simulate: the population simulated in {d} was made with another config "
+                                 f"({_there_asked(old, new)}); delete {d} to simulate it again, or set data.dir to "
+                                 f"another folder")
         else:
             log.info("simulating %d sessions x %d neurons x %d images (%d px) into %s",
                      sim.n_sessions, sim.n_neurons, sim.n_images, sim.image_size, d)
@@ -185,7 +193,7 @@ def _check_reused_teacher(tdir: Path, report: dict, tconf: dict, sessions, sessi
     if old["sessions"] != new["sessions"]:
         what.append(f"sessions {sorted(old['sessions'])} (id -> role, neurons, images: {old['sessions']}), "
                     f"but {sessions_dir} now holds {new['sessions']}")
-    diff = sorted(k for k in set(old["config"]) | set(new["config"]) if old["config"].get(k) != new["config"].get(k))
+    diff = _changed(old["config"], new["config"])
     if diff:
         what.append("a teacher config that differs in " + ", ".join(
             f"{k} ({old['config'].get(k)!r} -> {new['config'].get(k)!r})" for k in diff))
@@ -225,7 +233,6 @@ def job_image_size(cfg: JobConfig, sessions, teacher) -> int:
     return size
 
 
-
 def prepare_bank(cfg: JobConfig, sessions, exclude: set[str], image_size: int):
     """The distillation bank, built from the images of sessions with ``bank.source_roles``, never
     from the sessions in ``exclude`` (the neurons' own sessions, whose images evaluate them)."""
@@ -236,15 +243,14 @@ def prepare_bank(cfg: JobConfig, sessions, exclude: set[str], image_size: int):
     used = [s for s in sessions if s.role in cfg.bank.source_roles
             and s.session_id not in exclude and s.images_available and s.images.size]
     sources = [s.images for s in used]
+    natural = bconf.proportions.get("natural", 0) > 0  # without natural images the sources are unused
     if (bdir / "bank.json").is_file():  # a cached bank serves only the config and sources that built it
         bank = ImageBank(bdir)
         old, new = bank.config.to_dict(), bconf.to_dict()
-        if old != new:
-            diff = ", ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} asked" for k in sorted(new)
-                             if old.get(k) != new.get(k))
-            raise ValueError(f"bank: the image bank cached in {bdir} was built with another config ({diff}); "
-                             f"delete {bdir} to rebuild it, or set bank.dir to another folder")
-        natural = bconf.proportions.get("natural", 0) > 0  # without natural images the sources are unused
+        if _changed(old, new):
+            raise ValueError(f"bank: the image bank cached in {bdir} was built with another config "
+                             f"({_there_asked(old, new)}); delete {bdir} to rebuild it, or set bank.dir to another "
+                             f"folder")
         if natural and bank.manifest.get("source_hash") not in (None, source_digest(sources or None)):
             raise ValueError(f"bank: the image bank cached in {bdir} was built from other source images than "
                              f"this job's (sessions {[s.session_id for s in used]}: roles {cfg.bank.source_roles}, "
@@ -252,7 +258,7 @@ def prepare_bank(cfg: JobConfig, sessions, exclude: set[str], image_size: int):
                              f"the teacher's session or the sessions changed. Delete {bdir} to rebuild it, or set "
                              f"bank.dir to another folder")
         return bank
-    if not sources and bconf.proportions.get("natural", 0) > 0:
+    if not sources and natural:
         raise ValueError(f"bank: no source images in sessions with roles {cfg.bank.source_roles} "
                          f"(excluding {sorted(exclude)}); set bank.bank.proportions without 'natural'")
     log.info("building image bank: %d images (%d px) from %d sessions -> %s", bconf.n_images,
