@@ -192,9 +192,14 @@ def finish(inp, neuron: str, variants: list[str], threads: int, start_variant: s
         release_freed_memory()  # the specialization's activations, as the farm task does
     real = _real_data(inp, neuron)
     start_raw = evaluate_predictions(real.responses[None], predict(start, real.images)[None], False)["r2_raw"][0]
+    fit = slice(0, 2000)  # training images (the bank's first ones): fit against generalization
+
+    def train_r2(model) -> float:
+        return squared_pearson(targets[fit], predict(model, inp.bank_images[fit]))
     print(f"{neuron} start ({start_variant or 'as configured'}{wtag}): {start_cpu:.0f} CPU-s, params "
           f"{start.spec.param_count():,}, filters {'-'.join(map(str, start.spec.filters))}, R² to the teacher "
-          f"{squared_pearson(inp.heldout_targets[:, col], predict(start, inp.heldout_images)):.3f}, raw R² {start_raw:.3f}\n"
+          f"{squared_pearson(inp.heldout_targets[:, col], predict(start, inp.heldout_images)):.3f} (on 2,000 of its "
+          f"training images {train_r2(start):.3f}), raw R² {start_raw:.3f}\n"
           "| variant | R² to teacher distilled / pruned / final | raw R² | params | filters | CPU-s (prune+retrain) "
           "| wall s: prune (with its retrains) / retrain |\n"
           "|---|---|---|---|---|---|---|", flush=True)
@@ -210,6 +215,7 @@ def finish(inp, neuron: str, variants: list[str], threads: int, start_variant: s
         print(f"| {neuron} {v or 'as configured'} | {r.r2_teacher_distilled:.3f} / {pr} / {r.r2_teacher_heldout:.3f} | "
               f"{r.r2_raw:.3f} | {r.param_count:,} | {'-'.join(map(str, r.filters))} | {cpu:.0f} | "
               f"{r.timings['prune_s']:.0f} / {r.timings['retrain_s']:.0f} |", flush=True)
+        print(f"  final R² to the teacher on 2,000 of its training images: {train_r2(r.model()):.3f}", flush=True)
 
 
 def fidelity(inp, config: str, job_id: str | None) -> None:
@@ -288,7 +294,7 @@ def headroom(inp, goal: float) -> None:
     ids = rd["neuron_ids"]
     resp = rd["responses"]
     pred = {}
-    for k in (25, 35, 50, 200):
+    for k in (25, 35, 50, 75, 100, 200):
         shared = load_shared_start(SHARED.format(k=k), ids)
         cols = [shared.spec.neuron_ids.index(i) for i in ids]
         pred[f"K{k}" if k != 200 else "K200 (the teacher)"] = predict(shared, rd["images"])[:, cols]
@@ -298,6 +304,9 @@ def headroom(inp, goal: float) -> None:
     pred["mean of K35, teacher"] = (pred["K35"] + t) / 2
     pred["mean of K50, teacher"] = (pred["K50"] + t) / 2
     pred["mean of K25, K35, K50, teacher"] = (pred["K25"] + pred["K35"] + pred["K50"] + t) / 4
+    pred["mean of K50, K75, K100, teacher"] = (pred["K50"] + pred["K75"] + pred["K100"] + t) / 4
+    pred["mean of K25..K100, teacher (6 models)"] = sum(
+        pred[f"K{k}"] for k in (25, 35, 50, 75, 100)) / 6 + t / 6
     n = len(ids)
     half = (n + 1) // 2
     print(f"| start | median raw R² ({n}) | neurons at >= {goal:g} | R² to it the median neuron needs | "
