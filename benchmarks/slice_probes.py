@@ -46,6 +46,9 @@ def main(argv=None):
                    help="finish: space-separated compress.* overrides for the start (e.g. specialize.tune_passes=8)")
     p.add_argument("--variant", action="append", default=[],
                    help="finish: space-separated compress.* overrides of the config (repeatable; '' = as configured)")
+    p.add_argument("--pre-variant", default="",
+                   help="finish: the start is first trained end to end, unpruned, under these compress.* "
+                        "overrides of the retrain (e.g. 'retrain.passes=1 retrain.lr=0.001'), then pruned per variant")
     p.add_argument("--start-weight", type=float, default=0.0,
                    help="finish: the tune step and the retrains fit (1 - w) x the teacher's responses + w x the "
                         "shared model's own (its slice's) responses on the bank; 0: the teacher's alone")
@@ -83,7 +86,8 @@ def main(argv=None):
     if a.probe == "headroom":
         return headroom(inp, a.goal)
     if a.probe == "finish":
-        return finish(inp, a.neuron, a.variant or [""], a.threads, a.start_variant, a.config, a.start_weight)
+        return finish(inp, a.neuron, a.variant or [""], a.threads, a.start_variant, a.config, a.start_weight,
+                      a.pre_variant)
     col = inp.neuron_ids.index(a.neuron)
     x, y, hx, hy = inp.bank_images, inp.bank_targets[:, col], inp.heldout_images, inp.heldout_targets[:, col]
     rd = inp.real[a.neuron.split(":")[0]]
@@ -116,7 +120,7 @@ def main(argv=None):
 
 
 def finish(inp, neuron: str, variants: list[str], threads: int, start_variant: str = "",
-           config: str = "v4_190923", start_weight: float = 0.0) -> None:
+           config: str = "v4_190923", start_weight: float = 0.0, pre_variant: str = "") -> None:
     """The farm task's own path for one neuron (``config``, default configs/v4_190923.yaml): its specialized start
     (``neuron_start``, with the compress.* overrides ``start_variant``, from the shared model's layer-2
     activations of the bank computed once for all neurons as the farm job does; cached under
@@ -191,6 +195,22 @@ def finish(inp, neuron: str, variants: list[str], threads: int, start_variant: s
 
         release_freed_memory()  # the specialization's activations, as the farm task does
     real = _real_data(inp, neuron)
+    if pre_variant:  # the start trained on: everything, end to end, before any pruning
+        pcache = cache.with_name(cache.stem + "_pre_" + "_".join(pre_variant.split()).replace("=", "") + ".pt")
+        if pcache.is_file():
+            blob = torch.load(pcache, weights_only=True)
+            start = CompactModel(CompactSpec.from_dict(blob["spec"]))
+            start.load_state_dict(blob["state_dict"])
+            start_cpu = blob["cpu_s"]
+        else:
+            pcfg = load_job_config(config, start_sets + ["compress.prune.tau=1.0", "compress.prune.iterative=false"]
+                                   + [f"compress.{o}" for o in pre_variant.split()])
+            cpu0 = time.process_time()
+            r = compress_neuron(neuron, inp.bank_images, targets, inp.heldout_images, inp.heldout_targets[:, col],
+                                CompressConfig.for_seed(pcfg.compress, pcfg.seed), threads=threads, distilled=start)
+            start, start_cpu = r.model(), start_cpu + time.process_time() - cpu0
+            torch.save({"spec": start.spec.to_dict(), "state_dict": start.state_dict(), "cpu_s": start_cpu}, pcache)
+        start_variant = f"{start_variant} then {pre_variant}".strip()
     start_raw = evaluate_predictions(real.responses[None], predict(start, real.images)[None], False)["r2_raw"][0]
     fit = slice(0, 2000)  # training images (the bank's first ones): fit against generalization
 
