@@ -133,3 +133,14 @@ def test_the_cli_refuses_a_bad_config_before_any_work_and_writes_nothing(tmp_pat
         assert "farm: error:" in p.stderr and bad.split("=")[0].split(".")[-1] in p.stderr, p.stderr
         assert "Traceback" not in p.stderr
         assert list(tmp_path.iterdir()) == [], list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("path", sorted(p for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")
+                                        if not p.name.startswith("teacher_")), ids=lambda p: p.name)
+def test_every_job_config_in_configs_loads(path):
+    """Every job config shipped in configs/ passes the load-time checks (its sections, recipe and
+    selection), so a config edited by hand fails here and not in a user's first job; each has its own
+    name, so two of them never share a job id."""
+    cfg = load_job_config(path)
+    assert cfg.name == path.stem.replace("_", "-")
+    assert cfg.resolved_job_id().startswith(cfg.name + "-")
