@@ -136,7 +136,6 @@ def finish(inp, neuron: str, variants: list[str], threads: int, start_variant: s
     from farm.config import load_job_config
     from farm.distill import predict, squared_pearson
     from farm.metrics import evaluate_predictions
-    from farm.models.compact import CompactModel, CompactSpec
     from farm.neuron_runs import _real_data
     from farm.specialize import neuron_start
 
@@ -162,10 +161,7 @@ def finish(inp, neuron: str, variants: list[str], threads: int, start_variant: s
     wtag = f"_w{start_weight:g}" if start_weight else ""
     cache = Path("farm_runs/probes") / f"start_{neuron.replace(':', '_')}_{base.resolved_job_id()}{wtag}.pt"
     if cache.is_file():
-        blob = torch.load(cache, weights_only=True)
-        start = CompactModel(CompactSpec.from_dict(blob["spec"]))
-        start.load_state_dict(blob["state_dict"])
-        start_cpu = blob["cpu_s"]
+        start, start_cpu = _load_start(cache)
     else:
         cpu0 = time.process_time()
         from farm.shared_start import load_shared_start
@@ -198,10 +194,7 @@ def finish(inp, neuron: str, variants: list[str], threads: int, start_variant: s
     if pre_variant:  # the start trained on: everything, end to end, before any pruning
         pcache = cache.with_name(cache.stem + "_pre_" + "_".join(pre_variant.split()).replace("=", "") + ".pt")
         if pcache.is_file():
-            blob = torch.load(pcache, weights_only=True)
-            start = CompactModel(CompactSpec.from_dict(blob["spec"]))
-            start.load_state_dict(blob["state_dict"])
-            start_cpu = blob["cpu_s"]
+            start, start_cpu = _load_start(pcache)
         else:
             pcfg = load_job_config(config, start_sets + ["compress.prune.tau=1.0", "compress.prune.iterative=false"]
                                    + [f"compress.{o}" for o in pre_variant.split()])
@@ -236,6 +229,18 @@ def finish(inp, neuron: str, variants: list[str], threads: int, start_variant: s
               f"{r.r2_raw:.3f} | {r.param_count:,} | {'-'.join(map(str, r.filters))} | {cpu:.0f} | "
               f"{r.timings['prune_s']:.0f} / {r.timings['retrain_s']:.0f} |", flush=True)
         print(f"  final R² to the teacher on 2,000 of its training images: {train_r2(r.model()):.3f}", flush=True)
+
+
+def _load_start(path: Path):
+    """A start cached by ``finish``: (the model, the CPU-seconds it took)."""
+    import torch
+
+    from farm.models.compact import CompactModel, CompactSpec
+
+    blob = torch.load(path, weights_only=True)
+    start = CompactModel(CompactSpec.from_dict(blob["spec"]))
+    start.load_state_dict(blob["state_dict"])
+    return start, blob["cpu_s"]
 
 
 def fidelity(inp, config: str, job_id: str | None) -> None:
