@@ -52,6 +52,10 @@ def main(argv=None):
     p.add_argument("--start-weight", type=float, default=0.0,
                    help="finish: the tune step and the retrains fit (1 - w) x the teacher's responses + w x the "
                         "shared model's own (its slice's) responses on the bank; 0: the teacher's alone")
+    p.add_argument("--mirror-bank", action="store_true",
+                   help="finish: prune and retrain on the bank images AND their left-right mirrors, with the "
+                        "teacher's responses to the mirrors (computed once for all neurons, cached under "
+                        "farm_runs/probes/): twice the (image, response) pairs; passes count over both")
     p.add_argument("--neurons", default="190923:0-7", help="ceilings: the neurons (a selection)")
     p.add_argument("--goal", type=float, default=0.40, help="headroom: the median raw R² to reach")
     p.add_argument("--k", type=int, default=10, help="early filters of the published shared model")
@@ -87,7 +91,7 @@ def main(argv=None):
         return headroom(inp, a.goal)
     if a.probe == "finish":
         return finish(inp, a.neuron, a.variant or [""], a.threads, a.start_variant, a.config, a.start_weight,
-                      a.pre_variant)
+                      a.pre_variant, a.mirror_bank)
     col = inp.neuron_ids.index(a.neuron)
     x, y, hx, hy = inp.bank_images, inp.bank_targets[:, col], inp.heldout_images, inp.heldout_targets[:, col]
     rd = inp.real[a.neuron.split(":")[0]]
@@ -120,14 +124,17 @@ def main(argv=None):
 
 
 def finish(inp, neuron: str, variants: list[str], threads: int, start_variant: str = "",
-           config: str = "v4_190923", start_weight: float = 0.0, pre_variant: str = "") -> None:
+           config: str = "v4_190923", start_weight: float = 0.0, pre_variant: str = "",
+           mirror_bank: bool = False) -> None:
     """The farm task's own path for one neuron (``config``, default configs/v4_190923.yaml): its specialized start
     (``neuron_start``, with the compress.* overrides ``start_variant``, from the shared model's layer-2
     activations of the bank computed once for all neurons as the farm job does; cached under
     farm_runs/probes/ by the job id they give), then ``compress_neuron`` from it under each variant of
     the compress section (with ``start_variant`` too); one markdown row per variant. ``start_weight``:
     the start's tune step and the retrains fit a blend of the teacher's responses and the shared
-    model's own (its slice's, from the paper's ensemble on real data) instead of the teacher's alone."""
+    model's own (its slice's, from the paper's ensemble on real data) instead of the teacher's alone.
+    ``mirror_bank``: the pruning and retraining (not the start) see the bank and its mirrors, with the
+    teacher's responses to the mirrors."""
     import time
 
     import torch
@@ -216,11 +223,15 @@ def finish(inp, neuron: str, variants: list[str], threads: int, start_variant: s
           "| variant | R² to teacher distilled / pruned / final | raw R² | params | filters | CPU-s (prune+retrain) "
           "| wall s: prune (with its retrains) / retrain |\n"
           "|---|---|---|---|---|---|---|", flush=True)
+    images = inp.bank_images
+    if mirror_bank:
+        images, targets = _mirror_bank(inp, base, col, targets)
+        print(f"mirror bank: {len(images)} (image, response) pairs", flush=True)
     for v in variants:
         vcfg = load_job_config(config, start_sets + [f"compress.{o}" for o in v.split()])
         vc = CompressConfig.for_seed(vcfg.compress, vcfg.seed)
         cpu0 = time.process_time()
-        r = compress_neuron(neuron, inp.bank_images, targets, inp.heldout_images,
+        r = compress_neuron(neuron, images, targets, inp.heldout_images,
                             inp.heldout_targets[:, col], vc, real=real, threads=threads,
                             distilled=start)
         cpu = time.process_time() - cpu0
@@ -229,6 +240,35 @@ def finish(inp, neuron: str, variants: list[str], threads: int, start_variant: s
               f"{r.r2_raw:.3f} | {r.param_count:,} | {'-'.join(map(str, r.filters))} | {cpu:.0f} | "
               f"{r.timings['prune_s']:.0f} / {r.timings['retrain_s']:.0f} |", flush=True)
         print(f"  final R² to the teacher on 2,000 of its training images: {train_r2(r.model()):.3f}", flush=True)
+
+
+def _mirror_bank(inp, cfg, col: int, targets: np.ndarray):
+    """The bank images with their left-right mirrors appended, and ``targets`` with the teacher's
+    responses to the mirrors (all neurons' cached in farm_runs/probes/ by the bank's fingerprint)."""
+    import time
+
+    from farm.pipeline import prepare_sessions, prepare_teacher
+    from farm.teacher_responses import images_fingerprint, shard_responses
+
+    mirrors = np.ascontiguousarray(inp.bank_images[:, :, ::-1])
+    path = Path("farm_runs/probes") / f"mirror_resp_{images_fingerprint(inp.bank_images)[:16]}.npy"
+    if not path.is_file():
+        sessions, truth, sdir = prepare_sessions(cfg)
+        teacher, _ = prepare_teacher(cfg, sessions, truth, sdir, None)
+        check = shard_responses(teacher, inp.bank_images[:64], batch_size=32)
+        if not np.allclose(check, inp.bank_targets[:64], rtol=1e-3, atol=1e-4):
+            raise SystemExit("the teacher's responses to 64 bank images differ from the cached bank targets")
+        cpu0 = time.process_time()
+        resp = np.concatenate([shard_responses(teacher, mirrors[i:i + 500], batch_size=32)
+                               for i in range(0, len(mirrors), 500)])
+        print(f"teacher's responses to {len(mirrors)} mirrored bank images: {time.process_time() - cpu0:.0f} CPU-s "
+              f"(once for all {resp.shape[1]} neurons)", flush=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, resp)
+    resp = np.load(path, mmap_mode="r")
+    images = np.concatenate([inp.bank_images, mirrors])
+    del mirrors
+    return images, np.concatenate([targets, np.asarray(resp[:, col], dtype=targets.dtype)])
 
 
 def _load_start(path: Path):

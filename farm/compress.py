@@ -138,6 +138,12 @@ class CompressConfig:
             raise ValueError(f"CompressConfig.iterative_retrain_passes must be > 0 or None, got "
                              f"{self.iterative_retrain_passes}")
 
+    @property
+    def uses_mirrors(self) -> bool:
+        """Whether a training (``distill`` or ``retrain``) needs the teacher's responses to the
+        mirrored training images (``DistillConfig.mirrors``)."""
+        return bool(self.distill.mirrors or self.retrain.mirrors)
+
     def to_dict(self) -> dict:
         return to_dict(self)
 
@@ -320,27 +326,29 @@ def _student(neuron_id: str, images: np.ndarray, config: CompressConfig) -> Comp
 
 
 def _distill_run(neuron_id: str, images, targets, config: CompressConfig, device, progress,
-                 heldout_images=None, heldout_targets=None) -> DistillResult:
+                 heldout_images=None, heldout_targets=None, mirror_targets=None) -> DistillResult:
     images = _check_images(images, "compress: images")
     student = _student(neuron_id, images, config)
     seeds = config.seeds(neuron_id)
     return distill(student, images, targets, replace(config.distill, seed=seeds["distill"]), device=device,
                    callback=_stage(progress, "distill"), eval_images=heldout_images,
-                   eval_targets=heldout_targets)
+                   eval_targets=heldout_targets, mirror_targets=mirror_targets)
 
 
 def distill_neuron(neuron_id: str, images: np.ndarray, targets: np.ndarray, config: CompressConfig | None = None,
                    device: str | torch.device = "cpu", threads: int | None = None,
                    progress: Progress | None = None, heldout_images: np.ndarray | None = None,
-                   heldout_targets: np.ndarray | None = None) -> CompactModel:
+                   heldout_targets: np.ndarray | None = None,
+                   mirror_targets: np.ndarray | None = None) -> CompactModel:
     """Distill a ``config.student_filters`` student for one neuron (the first half of
-    ``compress_neuron``). images uint8 (N, S, S, 3); targets (N,) the teacher's responses.
+    ``compress_neuron``). images uint8 (N, S, S, 3); targets (N,) the teacher's responses;
+    mirror_targets: see ``compress_neuron``.
     Returns the distilled CompactModel (eval mode, on ``device``)."""
     config = config or CompressConfig()
     if threads is not None:
         torch.set_num_threads(int(threads))
     return _distill_run(neuron_id, images, targets, config, device, progress, heldout_images,
-                        heldout_targets).model
+                        heldout_targets, mirror_targets).model
 
 
 def prune_and_retrain(distilled: CompactModel, neuron_id: str, images: np.ndarray, targets: np.ndarray,
@@ -348,7 +356,8 @@ def prune_and_retrain(distilled: CompactModel, neuron_id: str, images: np.ndarra
                       config: CompressConfig | None = None, real: RealData | None = None,
                       device: str | torch.device = "cpu", threads: int | None = None,
                       progress: Progress | None = None, *, distill_seconds: float = 0.0,
-                      distill_history: list | None = None) -> CompressionResult:
+                      distill_history: list | None = None,
+                      mirror_targets: np.ndarray | None = None) -> CompressionResult:
     """The second half of ``compress_neuron``: prune ``distilled`` on the held-out images, rebuild
     it narrower, retrain it on ``images``/``targets`` and evaluate. ``distilled`` is not modified.
     See ``compress_neuron`` for the arguments."""
@@ -379,7 +388,8 @@ def prune_and_retrain(distilled: CompactModel, neuron_id: str, images: np.ndarra
 
         def retrain_hook(model: CompactModel) -> CompactModel:
             return distill(model, images, targets, short, device=device,
-                           callback=_stage(progress, "iterative_retrain"), trained=True).model
+                           callback=_stage(progress, "iterative_retrain"), trained=True,
+                           mirror_targets=mirror_targets).model
 
     prune_progress = None if progress is None else (lambda stage, info: progress("prune", {"stage": stage, **info}))
     t = time.perf_counter()
@@ -391,7 +401,7 @@ def prune_and_retrain(distilled: CompactModel, neuron_id: str, images: np.ndarra
     t = time.perf_counter()
     retrained = distill(pruned.model, images, targets, replace(config.retrain, seed=seeds["retrain"]),
                         device=device, callback=_stage(progress, "retrain"), eval_images=heldout_images,
-                        eval_targets=heldout_targets, trained=True)
+                        eval_targets=heldout_targets, trained=True, mirror_targets=mirror_targets)
     timings["retrain_s"] = time.perf_counter() - t
     model = retrained.model
 
@@ -438,13 +448,15 @@ def _neuron_history(history: list[dict], j: int) -> list[dict]:
 def compress_neurons(neuron_ids, images: np.ndarray, targets: np.ndarray, heldout_images: np.ndarray,
                      heldout_targets: np.ndarray, config: CompressConfig | None = None,
                      real=None, device: str | torch.device = "cpu", threads: int | None = None,
-                     progress: Progress | None = None) -> list[CompressionResult]:
+                     progress: Progress | None = None,
+                     mirror_targets: np.ndarray | None = None) -> list[CompressionResult]:
     """``compress_neuron`` for several neurons with ONE packed distillation (``distill_many``: the
     students, one network of grouped convolutions, see the same batches), then pruning, retraining
     and evaluation per neuron. Several small students per call use a CPU core or a GPU better than
     one (benchmarks/README.md "Distillation throughput").
 
-    targets: float (N, n), column j = neuron_ids[j]; heldout_targets (M, n). real: None or one
+    targets: float (N, n), column j = neuron_ids[j]; heldout_targets (M, n); mirror_targets (N, n) or
+    None, as ``compress_neuron``'s (the packed distillation takes none). real: None or one
     RealData (or None) per neuron. Each student starts from its own seed (``config.seeds(neuron
     id)``); the shared batch order comes from the first neuron's seeds, so a neuron's model depends
     on the group it was packed with (deterministic for the same group and seed). One neuron =
@@ -465,11 +477,15 @@ def compress_neurons(neuron_ids, images: np.ndarray, targets: np.ndarray, heldou
         if t.shape != (n, len(ids)):
             raise ValueError(f"compress_neurons: {name} must be (images, neurons) = ({n}, {len(ids)}), "
                              f"got shape {t.shape}")
+    mtg = None if mirror_targets is None else np.asarray(mirror_targets, dtype=np.float32)
+    if mtg is not None and mtg.shape != tg.shape:
+        raise ValueError(f"compress_neurons: mirror_targets must be shaped like targets {tg.shape}, got {mtg.shape}")
+    mcol = (lambda j: None) if mtg is None else (lambda j: mtg[:, j])  # noqa: E731
     if threads is not None:
         torch.set_num_threads(int(threads))
     if len(ids) == 1:
         return [compress_neuron(ids[0], images, tg[:, 0], heldout_images, htg[:, 0], config, reals[0], device,
-                                progress=progress)]
+                                progress=progress, mirror_targets=mcol(0))]
     for j in range(len(ids)):  # every column checked up front, before any training
         images, _, heldout_images, _ = check_inputs(images, tg[:, j], heldout_images, htg[:, j])
     for r in reals:
@@ -482,7 +498,7 @@ def compress_neurons(neuron_ids, images: np.ndarray, targets: np.ndarray, heldou
     return [prune_and_retrain(run.models[j], nid, images, tg[:, j], heldout_images, htg[:, j], config,
                               real=reals[j], device=device, progress=progress,
                               distill_seconds=run.seconds / len(ids),
-                              distill_history=_neuron_history(run.history, j))
+                              distill_history=_neuron_history(run.history, j), mirror_targets=mcol(j))
             for j, nid in enumerate(ids)]
 
 
@@ -490,7 +506,8 @@ def compress_neuron(neuron_id: str, images: np.ndarray, targets: np.ndarray, hel
                     heldout_targets: np.ndarray, config: CompressConfig | None = None,
                     real: RealData | None = None, device: str | torch.device = "cpu",
                     threads: int | None = None, progress: Progress | None = None,
-                    distilled: CompactModel | None = None) -> CompressionResult:
+                    distilled: CompactModel | None = None,
+                    mirror_targets: np.ndarray | None = None) -> CompressionResult:
     """Compress one neuron: distill -> prune -> narrow -> retrain -> evaluate (method.md §4-§6).
 
     neuron_id: "<session>:<index>", recorded in the spec.
@@ -504,6 +521,8 @@ def compress_neuron(neuron_id: str, images: np.ndarray, targets: np.ndarray, hel
     progress: ``progress(stage, info)`` with stage "distill" / "retrain" (training log entries),
         "prune" (``info["stage"]`` = prune's own stage), "iterative_retrain", "done".
     distilled: a distilled CompactModel to start from (a sweep's cache); distillation is skipped.
+    mirror_targets: the teacher's responses (N,) to the left-right mirrors of ``images``, for the
+        trainings whose DistillConfig has ``mirrors`` on (``config.distill`` / ``config.retrain``).
 
     Deterministic for ``config.seed`` on CPU with a fixed thread count.
     """
@@ -517,8 +536,9 @@ def compress_neuron(neuron_id: str, images: np.ndarray, targets: np.ndarray, hel
     distill_history: list = []
     distill_seconds = 0.0
     if distilled is None:
-        run = _distill_run(neuron_id, images, targets, config, device, progress, heldout_images, heldout_targets)
+        run = _distill_run(neuron_id, images, targets, config, device, progress, heldout_images, heldout_targets,
+                           mirror_targets)
         distilled, distill_history, distill_seconds = run.model, run.history, run.seconds
     return prune_and_retrain(distilled, neuron_id, images, targets, heldout_images, heldout_targets, config,
                              real=real, device=device, progress=progress, distill_seconds=distill_seconds,
-                             distill_history=distill_history)
+                             distill_history=distill_history, mirror_targets=mirror_targets)

@@ -22,7 +22,8 @@ from typing import Literal
 
 import yaml
 
-from farm.dataclass_dict import ConfigValueError, apply_overrides as _apply_overrides, from_dict, read_yaml_mapping, to_dict
+from farm.dataclass_dict import ConfigValueError, apply_overrides as _apply_overrides, from_dict, non_default_dict, read_yaml_mapping, \
+    to_dict
 
 from farm.analysis import AnalysisConfig
 from farm.compress import CompressConfig
@@ -220,6 +221,9 @@ class JobConfig:
         given = dict(self.bank.bank)
         bank = to_dict(from_dict(BankConfig, {"seed": self.seed, **given}, "bank.bank"))
         self.bank.bank = {k: v for k, v in bank.items() if k != "image_size" or "image_size" in given}
+        if self.farm.pack > 1 and CompressConfig.from_dict(self.compress).distill.mirrors:
+            raise ValueError(f"compress.distill.mirrors: the packed distillation of farm.pack = {self.farm.pack} "
+                             f"neurons per task takes no mirrors; set farm.pack: 1 or distill.mirrors: false")
         if self.teacher.kind == "ensemble" and self.teacher.config is not None:
             conf = self.teacher.config
             if isinstance(conf, str):  # a teacher YAML file: checked now, read again when trained
@@ -242,13 +246,15 @@ class JobConfig:
         return default_tracking_uri(Path(self.out_dir).resolve().parent)
 
     def resolved_job_id(self) -> str:
-        """The given job id, else a stable hash of the normalized config (defaults spelt out or not)
-        without tracking, resources and analysis."""
+        """The given job id, else a stable hash of the normalized config without tracking, resources
+        and analysis: of its values that differ from the fields' defaults, so that spelt-out defaults,
+        and fields added to farm later with a default, leave it unchanged (a rerun after an upgrade
+        still skips the neurons it finished)."""
         if self.job_id:
             return self.job_id
-        d = self.to_dict()
+        d = non_default_dict(self)
         for k in ("farm", "tracking", "job_id", "analysis"):
-            d.pop(k)
+            d.pop(k, None)
         digest = hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
         return f"{self.name}-{digest}"
 

@@ -214,6 +214,25 @@ def to_dict(obj) -> Any:
     return obj
 
 
+def non_default_dict(obj) -> dict:
+    """``to_dict`` of a config dataclass without the fields whose value is the field's own default,
+    recursively: what makes this config differ from its classes' defaults. A stable identity (a job
+    id) that a field added later with a default leaves unchanged."""
+    out = {}
+    for f in fields(obj):
+        if not f.init:
+            continue
+        value = getattr(obj, f.name)
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if is_dataclass(value) and not isinstance(value, type):
+            sub = non_default_dict(value)
+            if sub or type(default) is not type(value):  # a section that is None by default: present
+                out[f.name] = sub
+        elif default is dataclasses.MISSING or to_dict(value) != to_dict(default):
+            out[f.name] = to_dict(value)
+    return out
+
+
 def field_hint(cls, keys: list[str]):
     """The type hint at dotted path ``keys`` under dataclass ``cls`` (None where it is not typed)."""
     hint = cls

@@ -128,6 +128,10 @@ class DistillConfig:
     standardize_targets: train on per-neuron z-scored targets (mean 0, SD 1 over the training
         images) and rescale the readout at the end (exact: it is linear), so the model still outputs
         the teacher's units. The learning rate then means the same whatever the teacher's scale.
+    mirrors: train on the images AND their left-right mirrors, each with the teacher's own response
+        (``distill(..., mirror_targets=)``; a farm job computes the teacher's responses to the bank's
+        mirrors once for all neurons): twice the (image, response) pairs at no extra cost per step;
+        ``passes`` count over both. Not with ``augment`` (which asks the teacher itself).
     """
 
     batch_size: int = 64
@@ -151,6 +155,7 @@ class DistillConfig:
     bn_recalibrate_images: int = 1024
     eval_batch_size: int = 256
     standardize_targets: bool = False
+    mirrors: bool = False
 
     def __post_init__(self):
         self.betas = tuple(float(b) for b in self.betas)
@@ -178,6 +183,9 @@ class DistillConfig:
             raise ValueError(f"DistillConfig.bn_recalibrate_images must be >= 0, got {self.bn_recalibrate_images}")
         if self.log_every_steps < 1:
             raise ValueError(f"DistillConfig.log_every_steps must be >= 1, got {self.log_every_steps}")
+        if self.mirrors and self.augment:
+            raise ValueError("DistillConfig.mirrors and augment cannot both be on: augment re-queries the teacher "
+                             "on every (randomly flipped) batch; mirrors trains on stored responses to the mirrors")
 
     def total_images(self, n_available: int) -> int:
         """Images seen in a run over ``n_available`` images."""
@@ -277,12 +285,18 @@ def distill(student: CompactModel, images: np.ndarray, targets: np.ndarray | Non
             config: DistillConfig | None = None, device: str | torch.device = "cpu",
             threads: int | None = None, callback: Callable[[int, dict], None] | None = None,
             eval_images: np.ndarray | None = None, eval_targets: np.ndarray | None = None,
-            teacher=None, neuron_id: str | None = None, trained: bool = False) -> DistillResult:
+            teacher=None, neuron_id: str | None = None, trained: bool = False,
+            mirror_targets: np.ndarray | None = None) -> DistillResult:
     """Train ``student`` (in place, moved to ``device``) to regress one neuron's teacher response.
 
     images: uint8 (N, H, W, 3), H = W = student.spec.image_size.
     targets: float (N,) teacher responses to ``images`` (teacher units). May be None when
         ``config.augment`` is on: the targets then come from ``teacher`` on every augmented batch.
+    mirror_targets: float (N,) teacher responses to the left-right mirrors of ``images``, used when
+        ``config.mirrors`` is on (required then; ignored otherwise): training draws from 2N pairs,
+        (image, response) and (its mirror, the mirror's response), the mirrors flipped batch by batch
+        (no copy of the images); passes count over the 2N. A neuron's response to a mirror is not its
+        response to the image (the teacher says what it is): the mirrors are new pairs.
     config: DistillConfig (paper defaults when None). A fresh Adam is created on every call, so
         retraining after pruning is the same call on the narrow model (method.md §5.5).
     threads: if given, ``torch.set_num_threads(threads)`` (a Ray task's CPU share).
@@ -320,6 +334,11 @@ def distill(student: CompactModel, images: np.ndarray, targets: np.ndarray | Non
         if targets is None:
             raise ValueError("distill: targets are required unless config.augment is on")
         targets = _targets_array(targets, n, "distill: targets")[:, None]
+        if config.mirrors:
+            if mirror_targets is None:
+                raise ValueError("distill: config.mirrors is on but no mirror_targets (the teacher's responses to "
+                                 "the images' left-right mirrors) were given")
+            targets = np.concatenate([targets, _targets_array(mirror_targets, n, "distill: mirror_targets")[:, None]])
     eval_images, eval_targets = _check_eval(eval_images, eval_targets, 1, "distill")
     scale = None
     if config.standardize_targets and targets is not None:
@@ -328,7 +347,8 @@ def distill(student: CompactModel, images: np.ndarray, targets: np.ndarray | Non
             student.to(device)
             rescale_outputs_(student, -scale[0] / scale[1], 1.0 / scale[1])
     history, steps, seconds = _fit(student, lambda: smooth_kernels_(student, config.smooth_sigma), images,
-                                   targets, config, device, callback, eval_images, eval_targets, teacher, columns)
+                                   targets, config, device, callback, eval_images, eval_targets, teacher, columns,
+                                   mirrored=config.mirrors)
     if scale is not None:
         rescale_outputs_(student, *scale)
     return DistillResult(model=student, history=history, steps=steps, images_seen=steps * config.batch_size,
@@ -347,16 +367,19 @@ def _standardized(targets: np.ndarray, eval_targets: np.ndarray | None):
 
 def _fit(net: torch.nn.Module, smooth: Callable[[], object], images: np.ndarray, targets: np.ndarray | None,
          config: DistillConfig, device, callback, eval_images, eval_targets, teacher, columns,
-         lr_scales: dict | None = None):
+         lr_scales: dict | None = None, mirrored: bool = False):
     """The training loop shared by ``distill`` and ``distill_many``.
 
     net(x) -> (B, n) outputs for n neurons; targets float32 (N, n) or None (augment: ``teacher``'s
     ``columns`` on every augmented batch); eval_targets (M, n). The loss is the sum over neurons of
     each neuron's MSE, so every neuron's parameters get exactly the gradient of its own MSE.
     lr_scales: {parameter: factor} for parameters trained at ``factor`` x the run's rate (0 = frozen).
+    mirrored: targets are (2N, n), rows N.. the responses to the images' left-right mirrors; pair
+    i >= N is image i - N flipped.
     Returns (history, steps, seconds).
     """
-    n = len(images)
+    n_img = len(images)
+    n = 2 * n_img if mirrored else n_img  # training pairs
     dev = torch.device(device)
     cuda = dev.type == "cuda"
     net.to(dev)
@@ -384,8 +407,8 @@ def _fit(net: torch.nn.Module, smooth: Callable[[], object], images: np.ndarray,
                         else smooth_every_steps)
 
     gen = torch.Generator().manual_seed(int(config.seed))
-    n_recal = min(config.bn_recalibrate_images, n)
-    recal_idx = (torch.randperm(n, generator=torch.Generator().manual_seed(int(config.seed) + 1))[:n_recal]
+    n_recal = min(config.bn_recalibrate_images, n_img)
+    recal_idx = (torch.randperm(n_img, generator=torch.Generator().manual_seed(int(config.seed) + 1))[:n_recal]
                  if n_recal >= 2 else None)
     aug_rng = np.random.default_rng([int(config.seed), 1])
     # The uint8 images stay on the host unless they are small enough to sit on the GPU whole.
@@ -422,6 +445,13 @@ def _fit(net: torch.nn.Module, smooth: Callable[[], object], images: np.ndarray,
             batch_np = augment_images(images[idx.numpy()], aug_rng)
             y = torch.from_numpy(np.asarray(teacher.predict(batch_np), dtype=np.float32)[:, columns]).to(dev)
             x = recenter(batch_np, dev)
+        elif mirrored:
+            flip = idx >= n_img
+            x = recenter(images_t[(idx - flip.long() * n_img).to(images_t.device)], dev)
+            if bool(flip.any()):
+                f = flip.to(dev)
+                x[f] = x[f].flip(-1)  # (B, 3, H, W): left-right
+            y = targets_t[idx.to(dev)]
         else:
             x = recenter(images_t[idx.to(images_t.device)], dev)
             y = targets_t[idx.to(dev)]
@@ -522,6 +552,9 @@ def distill_many(students: list[CompactModel], images: np.ndarray, targets: np.n
     Equal, up to float rounding, to calling ``distill`` on each student with the same config.
     """
     config = config or DistillConfig()
+    if config.mirrors:
+        raise ValueError("distill_many: DistillConfig.mirrors is not implemented for packed neurons; "
+                         "train them one by one (farm.pack: 1)")
     if threads is not None:
         torch.set_num_threads(int(threads))
     students = list(students)

@@ -186,12 +186,14 @@ def run_neurons(neurons: Sequence[str], inputs: NeuronInputs, compress_cfg: dict
     refs = [ray.put(a) for a in (inputs.bank_images, inputs.bank_targets, inputs.heldout_images,
                                  inputs.heldout_targets, inputs.real or {}, inputs.ground_truth_heldout,
                                  inputs.shared_start, inputs.teacher_real or {}, inputs.shared_features)]
+    mirror_ref = ray.put(inputs.bank_mirror_targets)
     ids = list(inputs.neuron_ids)
     if int(pack) < 1:
         raise ValueError(f"farm.pack must be >= 1 (neurons per task), got {pack}")
     neurons = list(neurons)
     groups = [neurons[i:i + int(pack)] for i in range(0, len(neurons), int(pack))]
-    pending = {remote.remote(g, ids, *refs, compress_cfg, seed, tracker, parent_run_id, device, register): g
+    pending = {remote.remote(g, ids, *refs, compress_cfg, seed, tracker, parent_run_id, device, register,
+                             mirror_ref): g
                for g in groups}
     def lost(nid, err):  # retries exhausted (e.g. the worker died every time)
         tracker.log_failed_child(parent_run_id, nid, err, neuron_params(nid, compress_cfg, seed))
@@ -241,23 +243,26 @@ def gather(pending: dict, desc: str, unit: str, progress: bool = True,
 
 def _neuron_task(group, neuron_ids, bank_images, bank_targets, heldout_images, heldout_targets,
                  real, ground_truth_heldout, shared_start, teacher_real, shared_features, compress_cfg, seed,
-                 tracker, parent_run_id, device, register):
+                 tracker, parent_run_id, device, register, bank_mirror_targets=None):
     import ray
 
     tracker = tracker.from_node(ray.util.get_node_ip_address())  # before any work: a wrong store fails now
     inputs = NeuronInputs(neuron_ids, bank_images, bank_targets, heldout_images, heldout_targets,
-                          real, ground_truth_heldout, shared_start, teacher_real, shared_features)
+                          real, ground_truth_heldout, shared_start, teacher_real, shared_features,
+                          bank_mirror_targets)
     return compress_group_and_log(group, inputs, compress_cfg, seed, tracker, parent_run_id, device, register)
 
 
 
 # -- teacher responses over a big bank: one Ray task per shard ----------------------------------------
-def _responses_task(teacher, bank_dir: str, shard: int, batch_size: int):
+def _responses_task(teacher, bank_dir: str, shard: int, batch_size: int, mirror: bool = False):
     from farm.data.images import ImageBank
     from farm.teacher_responses import shard_responses
 
     init_task()
     ids, images, _ = ImageBank(bank_dir).read_shard(shard)
+    if mirror:
+        images = np.ascontiguousarray(images[:, :, ::-1])
     return ids, shard_responses(teacher, images, batch_size)
 
 
@@ -265,15 +270,16 @@ def ray_shard_runner(num_cpus: float = 1, num_gpus: float = 0, max_retries: int 
     """A ``compute_teacher_responses`` runner: the teacher is put in the object store once and every
     bank shard is one Ray task that reads its own images from the bank folder (which must be
     readable by every worker: local Ray, or a shared filesystem on a cluster); results are gathered
-    as they finish (``ray.wait``) and returned in shard order."""
+    as they finish (``ray.wait``) and returned in shard order. ``mirror``: the responses to the
+    images' left-right mirrors."""
     import ray
 
-    def run(teacher, bank, batch_size: int, progress=None):
+    def run(teacher, bank, batch_size: int, progress=None, mirror: bool = False):
         remote = ray.remote(_responses_task).options(num_cpus=num_cpus, num_gpus=num_gpus,
                                                      max_retries=max_retries)
         ref = ray.put(teacher)
         bank_dir = str(Path(bank.directory).resolve())
-        pending = {remote.remote(ref, bank_dir, i, batch_size): i for i in range(len(bank.shards))}
+        pending = {remote.remote(ref, bank_dir, i, batch_size, mirror): i for i in range(len(bank.shards))}
         parts, done = {}, 0
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)

@@ -40,6 +40,8 @@ class NeuronInputs:
         score on the same recorded images as the compact model's, logged next to it.
     shared_features: optional {"path", "flip", "n_images"}: the shared student's layer-2 activations of
         bank_images in a file (``farm.shared_features``), memory-mapped by each specialization.
+    bank_mirror_targets: optional float32 (N, n_neurons): the teacher's responses to the left-right
+        mirrors of bank_images (for trainings with ``DistillConfig.mirrors``).
     """
 
     neuron_ids: list
@@ -52,6 +54,11 @@ class NeuronInputs:
     shared_start: Any = None
     teacher_real: dict = field(default_factory=dict)
     shared_features: Any = None
+    bank_mirror_targets: Any = None
+
+    def mirror_column(self, col: int):
+        """The teacher's responses to the bank's mirrors for neuron column ``col``, or None."""
+        return None if self.bank_mirror_targets is None else self.bank_mirror_targets[:, col]
 
     def early_features(self, specialize):
         """The memory-mapped layer-2 activations for a specialization with ``specialize`` (a
@@ -224,7 +231,8 @@ def compress_group_and_log(neuron_ids: Sequence[str], inputs: NeuronInputs, comp
                 result = compress_neuron(
                     n, inputs.bank_images, inputs.bank_targets[:, col], inputs.heldout_images,
                     inputs.heldout_targets[:, col], cfg, real=_real_data(inputs, n),
-                    device=resolve_device(device), threads=threads, distilled=start)
+                    device=resolve_device(device), threads=threads, distilled=start,
+                    mirror_targets=inputs.mirror_column(col))
                 result.timings = {**(result.timings or {}), "start_s": start_s,
                                   "cpu_s": time.process_time() - cpu0}
                 results.append(result)
@@ -240,7 +248,8 @@ def compress_group_and_log(neuron_ids: Sequence[str], inputs: NeuronInputs, comp
             results = compress_neurons(todo, inputs.bank_images, inputs.bank_targets[:, cols],
                                        inputs.heldout_images, inputs.heldout_targets[:, cols], cfg,
                                        real=[_real_data(inputs, n) for n in todo], device=resolve_device(device),
-                                       threads=threads)
+                                       threads=threads, mirror_targets=(None if inputs.bank_mirror_targets is None
+                                                                        else inputs.bank_mirror_targets[:, cols]))
             cpu_each = (time.process_time() - cpu0) / max(1, len(results))  # a packed group's, shared equally
             for r in results:
                 r.timings = {**(r.timings or {}), "cpu_s": cpu_each}

@@ -300,6 +300,7 @@ def progress_bar(desc: str, unit: str = "item"):
 def prepare_job(cfg: JobConfig, tracker: Tracker | None = None, progress: bool = False) -> PreparedJob:
     """Sessions, teacher, bank and the teacher's responses to it (each stage cached under out_dir);
     ``progress`` draws a bar while the teacher runs over the bank."""
+    from farm.compress import CompressConfig
     from farm.teacher_responses import compute_teacher_responses, split_heldout
     from farm.metrics import evaluate_predictions
 
@@ -335,6 +336,15 @@ def prepare_job(cfg: JobConfig, tracker: Tracker | None = None, progress: bool =
         targets = resp.responses
     n_held = min(cfg.bank.heldout, len(images) // 2)
     train_idx, held_idx = split_heldout(len(images), n_held, cfg.seed)
+    mirror_targets = None
+    if CompressConfig.from_dict(cfg.compress).uses_mirrors:  # once for all neurons, cached as the others
+        log.info("teacher responses to the %d bank images' left-right mirrors (compress: mirrors)", len(bank))
+        mresp = compute_teacher_responses(teacher, bank, cache_dir=Path(cfg.out_dir) / "responses",
+                                          teacher_id=tinfo["teacher_id"], runner=runner, mirror=True,
+                                          progress=progress_bar("teacher responses (mirrors)", "img")
+                                          if progress else None)
+        mirror_targets = mresp.responses[np.argsort(mresp.image_ids)][train_idx]
+        del mresp
     real, teacher_r2, teacher_real = {}, {}, {}
     for s in sessions:
         if s.session_id in neuron_sessions and s.images_available and s.images.size:
@@ -356,7 +366,8 @@ def prepare_job(cfg: JobConfig, tracker: Tracker | None = None, progress: bool =
         gt = sub.predict(images[held_idx])
         filters = sub.filter_counts
     inputs = NeuronInputs(list(teacher.neuron_ids), images[train_idx], targets[train_idx],
-                          images[held_idx], targets[held_idx], real, gt, teacher_real=teacher_real)
+                          images[held_idx], targets[held_idx], real, gt, teacher_real=teacher_real,
+                          bank_mirror_targets=mirror_targets)
     inputs.shared_start, shared_info = prepare_shared_start(cfg, inputs, f"{tinfo['teacher_id']}|{resp.bank_id}")
     inputs.shared_features, features_info = prepare_shared_features(cfg, inputs)
     if features_info:

@@ -75,7 +75,8 @@ def distill_cached(neuron_id: str, inputs: NeuronInputs, compress_cfg: dict, see
                              targets=inputs.bank_targets[:, col], early=inputs.early_features(cfg.specialize))
     else:
         model = distill_neuron(neuron_id, inputs.bank_images, inputs.bank_targets[:, col], cfg,
-                               device=resolve_device(device), threads=task_threads())
+                               device=resolve_device(device), threads=task_threads(),
+                               mirror_targets=inputs.mirror_column(col))
     r2 = squared_pearson(predict(model, inputs.heldout_images), inputs.heldout_targets[:, col])
     save_compact(model, d)
     info = {"neuron_id": neuron_id, "r2_teacher_distilled": float(r2), "seconds": time.time() - t0,
@@ -106,7 +107,8 @@ def _trial(config: dict, inputs: NeuronInputs, compress_cfg: dict, seed: int, ca
     distilled = load_compact(Path(cache_dir) / _slug(nid))
     result = prune_and_retrain(distilled, nid, inputs.bank_images, inputs.bank_targets[:, col],
                                inputs.heldout_images, inputs.heldout_targets[:, col], cfg,
-                               device=resolve_device(device), threads=task_threads())
+                               device=resolve_device(device), threads=task_threads(),
+                               mirror_targets=inputs.mirror_column(col))
     metrics = result_metrics(result)
     params = {"neuron_id": nid, "session": nid.split(":", 1)[0], "tau": tau, "criterion": criterion,
               "seed": seed}
@@ -181,7 +183,8 @@ def run_sweep(neurons: Sequence[str], inputs: NeuronInputs, compress_cfg: dict, 
     if progress:
         print(f"sweep: distilling {len(neurons)} neuron(s) once (cached in {cache_dir}) ...", flush=True)
     refs = [ray.put(a) for a in (inputs.bank_images, inputs.bank_targets, inputs.heldout_images,
-                                 inputs.heldout_targets, inputs.shared_start, inputs.shared_features)]
+                                 inputs.heldout_targets, inputs.shared_start, inputs.shared_features,
+                                 inputs.bank_mirror_targets)]
     remote = ray.remote(_distill_task).options(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=3,
                                                **task_memory(memory_gb))
     infos = {i["neuron_id"]: i for i in ray.get([
@@ -202,7 +205,8 @@ def run_sweep(neurons: Sequence[str], inputs: NeuronInputs, compress_cfg: dict, 
     trainable = tune.with_resources(
         tune.with_parameters(_trial, inputs=NeuronInputs(list(inputs.neuron_ids), inputs.bank_images,
                                                          inputs.bank_targets, inputs.heldout_images,
-                                                         inputs.heldout_targets),
+                                                         inputs.heldout_targets,
+                                                         bank_mirror_targets=inputs.bank_mirror_targets),
                              compress_cfg=compress_cfg, seed=seed, cache_dir=cache_dir,
                              tracker=tracker.at_home(ray.util.get_node_ip_address()),
                              parent_run_id=parent_run_id, device=device),
@@ -267,7 +271,8 @@ def run_sweep(neurons: Sequence[str], inputs: NeuronInputs, compress_cfg: dict, 
 
 
 def _distill_task(neuron_id, neuron_ids, bank_images, bank_targets, heldout_images, heldout_targets,
-                  shared_start, shared_features, compress_cfg, seed, cache_dir, device):
+                  shared_start, shared_features, bank_mirror_targets, compress_cfg, seed, cache_dir, device):
     inputs = NeuronInputs(neuron_ids, bank_images, bank_targets, heldout_images, heldout_targets,
-                          shared_start=shared_start, shared_features=shared_features)
+                          shared_start=shared_start, shared_features=shared_features,
+                          bank_mirror_targets=bank_mirror_targets)
     return distill_cached(neuron_id, inputs, compress_cfg, seed, cache_dir, device)

@@ -211,7 +211,8 @@ def shard_responses(teacher, images: np.ndarray, batch_size: int | None = None) 
 def compute_teacher_responses(teacher, bank_or_images, batch_size: int | None = None,
                               progress: Callable[[int, int | None], None] | None = None,
                               cache_dir: str | Path | None = None, teacher_id: str | None = None,
-                              bank_id: str | None = None, runner: ShardRunner | None = None) -> TeacherResponses:
+                              bank_id: str | None = None, runner: ShardRunner | None = None,
+                              mirror: bool = False) -> TeacherResponses:
     """Every neuron's teacher response to every image, in ONE pass over the images.
 
     teacher: a ``farm.models.base.Teacher`` (``predict(uint8 (n, H, W, 3)) -> (n, neurons)``).
@@ -226,6 +227,8 @@ def compute_teacher_responses(teacher, bank_or_images, batch_size: int | None = 
     runner: how a bank's shards are run: ``runner(teacher, bank, batch_size, progress)`` -> one
         (image ids, responses (n, neurons)) pair per shard, in shard order. Default: one shard after
         another in this process. ``farm.fanout.ray_shard_runner`` runs them as Ray tasks.
+    mirror: the responses to the images' left-right mirrors instead (same image ids; the bank id,
+        and so the cache entry, gets a "|mirrored" suffix).
     """
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1 (or None: the teacher's default), got {batch_size}")
@@ -236,6 +239,8 @@ def compute_teacher_responses(teacher, bank_or_images, batch_size: int | None = 
     tid = teacher_id or teacher_fingerprint(teacher)
     if bank_id is None:
         bank_id = getattr(bank_or_images, "bank_id", None) if is_bank else images_fingerprint(images)
+    if mirror and bank_id:
+        bank_id = f"{bank_id}|mirrored"
 
     cache = None
     if cache_dir is not None:
@@ -265,7 +270,8 @@ def compute_teacher_responses(teacher, bank_or_images, batch_size: int | None = 
     if runner is not None:
         if not is_bank:
             raise ValueError("compute_teacher_responses: a shard runner needs an image bank, not an array")
-        parts = list(runner(teacher, bank_or_images, batch_size, progress))
+        parts = list(runner(teacher, bank_or_images, batch_size, progress, mirror=True) if mirror
+                     else runner(teacher, bank_or_images, batch_size, progress))
     else:
         if is_bank:
             total = len(bank_or_images) if hasattr(bank_or_images, "__len__") else None
@@ -277,6 +283,8 @@ def compute_teacher_responses(teacher, bank_or_images, batch_size: int | None = 
                       for s in range(0, total, step))
         parts, done = [], 0
         for ids, imgs in shards:
+            if mirror:
+                imgs = np.ascontiguousarray(imgs[:, :, ::-1])
             parts.append((ids, shard_responses(teacher, imgs, batch_size)))
             done += len(imgs)
             if progress is not None:

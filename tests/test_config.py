@@ -144,3 +144,39 @@ def test_every_job_config_in_configs_loads(path):
     cfg = load_job_config(path)
     assert cfg.name == path.stem.replace("_", "-")
     assert cfg.resolved_job_id().startswith(cfg.name + "-")
+
+
+def test_the_job_id_hashes_only_what_differs_from_the_defaults_so_new_fields_leave_it_alone():
+    """A field added to a config class later, with a default, must not change the id of a job that
+    never set it: a rerun after the upgrade still finds (and skips) the neurons it finished."""
+    from dataclasses import dataclass, field
+
+    from farm.dataclass_dict import non_default_dict
+
+    @dataclass
+    class Section:
+        lr: float = 1e-4
+        betas: tuple = (0.9, 0.999)
+
+    @dataclass
+    class Before:
+        name: str = "x"
+        section: Section = field(default_factory=Section)
+        optional: Section | None = None
+
+    @dataclass
+    class SectionAfter(Section):
+        mirrors: bool = False  # the field added later
+
+    @dataclass
+    class After(Before):
+        section: SectionAfter = field(default_factory=SectionAfter)
+        passes: float = 1.0  # another one
+
+    before = non_default_dict(Before(section=Section(lr=1e-3), optional=Section()))
+    after = non_default_dict(After(section=SectionAfter(lr=1e-3), optional=Section()))
+    assert before == after == {"section": {"lr": 1e-3}, "optional": {}}  # a None-by-default section: present
+    assert non_default_dict(Before()) == {}
+    assert non_default_dict(After(section=SectionAfter(mirrors=True))) == {"section": {"mirrors": True}}
+    cfg = load_job_config("demo")
+    assert cfg.resolved_job_id() != load_job_config("demo", ["compress.retrain.mirrors=true"]).resolved_job_id()

@@ -306,6 +306,49 @@ def test_distill_with_augmentation_requeries_the_teacher(neurons, bank_images):
         distill(tiny_student(), bank_images[:200], None, cfg)
 
 
+def test_distill_with_mirrors_trains_on_the_images_and_their_mirrors(neurons, bank_images):
+    """``mirrors``: the 2N pairs (image, response) and (mirror, the mirror's response), flipped batch
+    by batch, train the student exactly as the mirrors stored as images would; the teacher's response
+    to a mirror is its own (not the image's)."""
+    teacher = CompactTeacher([neurons[1]])
+    images = bank_images[:300]
+    mirrors = np.ascontiguousarray(images[:, :, ::-1])
+    targets, mirror_targets = teacher.predict(images)[:, 0], teacher.predict(mirrors)[:, 0]
+    assert squared_pearson(targets, mirror_targets) < 0.95  # the neuron is not mirror-symmetric
+    cfg = DistillConfig(n_images=40 * 16, batch_size=16, lr=3e-3, seed=3, bn_recalibrate_images=0,
+                        standardize_targets=True, log_every_steps=10, mirrors=True)
+    mirrored = distill(tiny_student(), images, targets, cfg, mirror_targets=mirror_targets)
+    stored = distill(tiny_student(), np.concatenate([images, mirrors]), np.concatenate([targets, mirror_targets]),
+                     DistillConfig(**{**cfg.to_dict(), "mirrors": False}))
+    assert [h["loss"] for h in mirrored.history] == pytest.approx([h["loss"] for h in stored.history], rel=1e-5)
+    for k, v in mirrored.model.state_dict().items():
+        torch.testing.assert_close(v, stored.model.state_dict()[k], rtol=1e-4, atol=1e-5)
+    # mirrors off: mirror_targets are not used (the run is the plain one on the N images)
+    plain_cfg = DistillConfig(**{**cfg.to_dict(), "mirrors": False})
+    plain = distill(tiny_student(), images, targets, plain_cfg, mirror_targets=mirror_targets)
+    again = distill(tiny_student(), images, targets, plain_cfg)
+    assert torch.equal(plain.model.readout.weight, again.model.readout.weight)
+    with pytest.raises(ValueError, match="mirror_targets"):
+        distill(tiny_student(), images, targets, cfg)
+    with pytest.raises(ValueError, match="mirror_targets"):
+        distill(tiny_student(), images, targets, cfg, mirror_targets=mirror_targets[:100])
+    with pytest.raises(ValueError, match="mirrors and augment"):
+        DistillConfig(mirrors=True, augment=True)
+
+
+def test_teacher_responses_to_the_mirrors_are_cached_beside_the_images(neurons, tmp_path):
+    images = natural_like(SIZE, 120, np.random.default_rng(6))
+    teacher = CountingTeacher(CompactTeacher(neurons[:2]))
+    plain = compute_teacher_responses(teacher, images, cache_dir=tmp_path)
+    mirrored = compute_teacher_responses(teacher, images, cache_dir=tmp_path, mirror=True)
+    assert mirrored.bank_id == plain.bank_id + "|mirrored" and teacher.images == 240
+    np.testing.assert_allclose(mirrored.responses, CompactTeacher(neurons[:2]).predict(images[:, :, ::-1].copy()),
+                               rtol=1e-5, atol=1e-5)
+    again = compute_teacher_responses(teacher, images, cache_dir=tmp_path, mirror=True)
+    assert teacher.images == 240 and np.array_equal(again.responses, mirrored.responses)  # its own cache entry
+    assert np.array_equal(compute_teacher_responses(teacher, images, cache_dir=tmp_path).responses, plain.responses)
+
+
 def test_distill_rejects_bad_input(bank_images):
     images = bank_images[:50]
     targets = np.zeros(50, np.float32)

@@ -249,14 +249,15 @@ def test_a_shared_recipe_job_trains_one_shared_student_and_starts_each_neuron_fr
     """compress.recipe: shared. The driver distills ONE shared student for the teacher's neurons
     (cached under out_dir/shared), every neuron task starts from its slice (its distilled R² is the
     slice's), and the runs record the recipe, the teacher's score on the same recorded images and
-    the shared stage's cost."""
+    the shared stage's cost. Its retrain trains on the bank's mirrors too (retrain.mirrors): the
+    driver computes the teacher's responses to them once, and each task gets its neuron's column."""
     from farm.distill import predict, squared_pearson
     from farm.models.compact import load_compact, output_slice
     from farm.pipeline import prepare_job, run_compress_job
 
     compress = {"recipe": "shared", "student_filters": [6] * 5, "iterative_retrain_passes": 0.2,
                 "shared": {"early_filters": 6, "late_filters": 6, "distill": {"passes": 2, "bn_recalibrate_images": 256}},
-                "retrain": {"passes": 1, "bn_recalibrate_images": 256}}
+                "retrain": {"passes": 1, "bn_recalibrate_images": 256, "mirrors": True}}
     # no tracking.uri: the default store, next to out_dir, is where `farm ui --config` points
     path = write_config(tmp_path, tiny_base, compress=compress, tracking={"experiment": "tiny", "uri": None})
     cfg = load_job_config(path)
@@ -276,6 +277,13 @@ def test_a_shared_recipe_job_trains_one_shared_student_and_starts_each_neuron_fr
     prepared = prepare_job(cfg)  # cached: the same shared student, not a second one
     assert len(list((Path(cfg.out_dir) / "shared").glob("*/shared.json"))) == 1
     inp = prepared.inputs
+    from farm.data.simulate import load_ground_truth
+
+    flipped = np.ascontiguousarray(inp.bank_images[:, :, ::-1])
+    truth = load_ground_truth(tiny_base / "data").subset(list(inp.neuron_ids))
+    np.testing.assert_allclose(inp.bank_mirror_targets, truth.predict(flipped),
+                               rtol=1e-5, atol=1e-5)
+    assert len(list((Path(cfg.out_dir) / "responses").glob("*mirrored*"))) == 1
     tracker = Tracker.open(cfg.tracking_uri(), "tiny")
     parent = tracker.client.get_run(res.parent_run_id).data.metrics
     assert parent["shared_cpu_seconds"] == pytest.approx(info["cpu_seconds"])
@@ -870,6 +878,10 @@ def test_teacher_responses_as_ray_tasks_equal_the_driver_pass(tiny_base, local_r
     assert parallel.neuron_ids == serial.neuron_ids and seen[-1] == (400, 400) and len(seen) == 4
     with pytest.raises(ValueError, match="needs an image bank"):
         compute_teacher_responses(teacher, bank.load_all()[1], runner=ray_shard_runner())
+    mirrored = compute_teacher_responses(teacher, bank, runner=ray_shard_runner(), mirror=True)
+    np.testing.assert_allclose(mirrored.responses, compute_teacher_responses(teacher, bank, mirror=True).responses,
+                               rtol=1e-5, atol=1e-6)
+    assert mirrored.bank_id == bank.bank_id + "|mirrored"
 
     targets = {}
     for name, threshold in (("driver", 0), ("tasks", 1)):
