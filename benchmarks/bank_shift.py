@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+TEST_SESSION = "190923"  # its second half: the test images; its neurons: the jobs' models
 TEACHER = "../shared/models/published/shared_compact_models/from_ensemble_model/shared_compact_model_200filters.keras"
 
 
@@ -27,7 +28,6 @@ def main(argv=None) -> None:
     from farm.models.compact import load_compact
     from farm.pipeline import prepare_job, prepare_sessions
     from farm.shared_start import load_shared_start
-    from farm.task_env import keep_freed_memory
     from farm.tracking import Tracker
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -35,16 +35,16 @@ def main(argv=None) -> None:
     p.add_argument("--config", default="configs/v4_190923_k35_retrain.yaml")
     p.add_argument("--n-source", type=int, default=1000, help="unaugmented training-session images to score")
     a = p.parse_args(argv)
-    keep_freed_memory()
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # (not farm.task_env.keep_freed_memory: the sessions' arrays go back to the OS)
     cfg = load_job_config(a.config)
     sessions, _, _ = prepare_sessions(cfg)
-    inp = prepare_job(cfg).inputs
-    rd = inp.real["190923"]
-    ids = rd["neuron_ids"]
     pool = np.concatenate([s.images for s in sessions if s.role in cfg.bank.source_roles
-                           and s.session_id not in inp.real and s.images_available and s.images.size])
+                           and s.session_id != TEST_SESSION and s.images_available and s.images.size])
     source = pool[np.random.default_rng(0).choice(len(pool), min(a.n_source, len(pool)), replace=False)]
+    del sessions, pool
+    inp = prepare_job(cfg).inputs
+    rd = inp.real[TEST_SESSION]
+    ids = rd["neuron_ids"]
     sets = {"held-out bank views": inp.heldout_images, "training-session images": source,
             "190923 test": rd["images"]}
     print("images: " + ", ".join(f"{k} {len(v)}" for k, v in sets.items()), flush=True)
