@@ -244,31 +244,20 @@ def finish(inp, neuron: str, variants: list[str], threads: int, start_variant: s
 
 def _mirror_bank(inp, cfg, col: int, targets: np.ndarray):
     """The bank images with their left-right mirrors appended, and ``targets`` with the teacher's
-    responses to the mirrors (all neurons' cached in farm_runs/probes/ by the bank's fingerprint)."""
-    import time
-
+    responses to the mirrors (``compute_teacher_responses(mirror=True)``, all neurons, cached under
+    farm_runs/probes/ by the images' fingerprint)."""
     from farm.pipeline import prepare_sessions, prepare_teacher
-    from farm.teacher_responses import images_fingerprint, shard_responses
+    from farm.teacher_responses import compute_teacher_responses, shard_responses
 
-    mirrors = np.ascontiguousarray(inp.bank_images[:, :, ::-1])
-    path = Path("farm_runs/probes") / f"mirror_resp_{images_fingerprint(inp.bank_images)[:16]}.npy"
-    if not path.is_file():
-        sessions, truth, sdir = prepare_sessions(cfg)
-        teacher, _ = prepare_teacher(cfg, sessions, truth, sdir, None)
-        check = shard_responses(teacher, inp.bank_images[:64], batch_size=32)
-        if not np.allclose(check, inp.bank_targets[:64], rtol=1e-3, atol=1e-4):
-            raise SystemExit("the teacher's responses to 64 bank images differ from the cached bank targets")
-        cpu0 = time.process_time()
-        resp = np.concatenate([shard_responses(teacher, mirrors[i:i + 500], batch_size=32)
-                               for i in range(0, len(mirrors), 500)])
-        print(f"teacher's responses to {len(mirrors)} mirrored bank images: {time.process_time() - cpu0:.0f} CPU-s "
-              f"(once for all {resp.shape[1]} neurons)", flush=True)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        np.save(path, resp)
-    resp = np.load(path, mmap_mode="r")
-    images = np.concatenate([inp.bank_images, mirrors])
-    del mirrors
-    return images, np.concatenate([targets, np.asarray(resp[:, col], dtype=targets.dtype)])
+    sessions, truth, sdir = prepare_sessions(cfg)
+    teacher, info = prepare_teacher(cfg, sessions, truth, sdir, None)
+    check = shard_responses(teacher, inp.bank_images[:64], batch_size=32)
+    if not np.allclose(check, inp.bank_targets[:64], rtol=1e-3, atol=1e-4):
+        raise SystemExit("the teacher's responses to 64 bank images differ from the cached bank targets")
+    resp = compute_teacher_responses(teacher, inp.bank_images, batch_size=32, cache_dir="farm_runs/probes",
+                                     teacher_id=info["teacher_id"], mirror=True).responses
+    images = np.concatenate([inp.bank_images, inp.bank_images[:, :, ::-1]])
+    return images, np.concatenate([targets, resp[:, col].astype(targets.dtype)])
 
 
 def _load_start(path: Path):
