@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Issue #11, goal 3: recipes side by side on real V4 (190923), ONE bank for every row (the
 # 24,000-image bank of configs/v4_190923.yaml, its cached stages) and about the config's compute.
+# The rows were measured with that file as of commit 8cc732e (the 25-filter iterative recipe, the
+# default until 2026-12-05): `git show 8cc732e:configs/v4_190923.yaml > /tmp/v4_old.yaml` to rerun them.
 # The config's own row is the farm job's (benchmarks/results/v4_190923_all33_bank24k.jsonl).
 #
 #   bash benchmarks/equal_compute_v4.sh             # every row below, neurons 190923:0-3

@@ -821,7 +821,7 @@ def test_the_v4_190923_config_compresses_real_neurons(tiny_base, local_ray, tmp_
         f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "neurons=190923:0-1", "bank.heldout=100",
         "bank.bank.n_images=400", "compress.student_filters=[4,4,4,4,4]", "compress.distill.passes=1",
         "compress.distill.bn_recalibrate_images=256", "compress.retrain.bn_recalibrate_images=256",
-        "compress.specialize.passes=3", "compress.specialize.tune_passes=1", "compress.retrain.passes=1", "compress.iterative_retrain_passes=0.2",
+        "compress.specialize.passes=3", "compress.specialize.tune_passes=1", "compress.retrain.passes=1",
         "farm.local_num_cpus=2", "farm.object_store_memory=300000000"])
     result = run_compress_job(cfg, progress=False)
     assert result.failed == [] and sorted(r["neuron_id"] for r in result.rows) == ["190923:0", "190923:1"]
@@ -840,15 +840,15 @@ def test_the_v4_190923_config_compresses_real_neurons(tiny_base, local_ray, tmp_
         want = r2_raw(averaged[int(nid.split(":")[1])], predict(model, second.images))[0]
         assert m["r2_raw"] == pytest.approx(want, rel=1e-4, abs=1e-6)
         assert m["param_count"] == model.param_count()
-        # the config's recipe: each neuron specialized from the published 25-early-filter shared model,
-        # in its factorized readout form
-        assert run.data.params["recipe"] == "shared" and all(k <= 25 for k in model.spec.filters[:3])
-        assert model.spec.readout == "factorized" and model.spec.filters[3] <= 64 and model.spec.filters[4] <= 16
+        # the config's recipe: each neuron specialized from the published 35-early-filter shared model,
+        # in its factorized readout form, pruned once
+        assert run.data.params["recipe"] == "shared" and all(k <= 35 for k in model.spec.filters[:3])
+        assert model.spec.readout == "factorized" and model.spec.filters[3] <= 48 and model.spec.filters[4] <= 16
         assert "teacher_r2_raw" in m
     # the published model's layer-2 activations of the 300 bank images and their mirrors: computed
     # once for both neurons, in one file, their cost on the job run
     feats = list((tmp_path / "out" / "shared_features").glob("*/early.json"))
-    assert len(feats) == 1 and json.loads(feats[0].read_text())["shape"] == [600, 28, 28, 25]
+    assert len(feats) == 1 and json.loads(feats[0].read_text())["shape"] == [600, 28, 28, 35]
     assert tracker.client.get_run(result.parent_run_id).data.metrics["shared_features_cpu_seconds"] > 0
 
 
