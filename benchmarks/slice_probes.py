@@ -52,6 +52,8 @@ def main(argv=None):
     p.add_argument("--start-weight", type=float, default=0.0,
                    help="finish: the tune step and the retrains fit (1 - w) x the teacher's responses + w x the "
                         "shared model's own (its slice's) responses on the bank; 0: the teacher's alone")
+    p.add_argument("--start-only", action="store_true",
+                   help="finish: only the start (its R² to the teacher and raw R²), no pruning or retraining")
     p.add_argument("--mirror-bank", action="store_true",
                    help="finish: prune and retrain on the bank images AND their left-right mirrors, with the "
                         "teacher's responses to the mirrors (computed once for all neurons, cached under "
@@ -90,7 +92,7 @@ def main(argv=None):
     if a.probe == "headroom":
         return headroom(inp, a.goal)
     if a.probe == "finish":
-        return finish(inp, a.neuron, a.variant or [""], a.threads, a.start_variant, a.config, a.start_weight,
+        return finish(inp, a.neuron, [] if a.start_only else (a.variant or [""]), a.threads, a.start_variant, a.config, a.start_weight,
                       a.pre_variant, a.mirror_bank)
     col = inp.neuron_ids.index(a.neuron)
     x, y, hx, hy = inp.bank_images, inp.bank_targets[:, col], inp.heldout_images, inp.heldout_targets[:, col]
@@ -188,8 +190,12 @@ def finish(inp, neuron: str, variants: list[str], threads: int, start_variant: s
                 print(f"layer-2 activations of the bank, once for all {len(inp.neuron_ids)} neurons: "
                       f"{finfo['cpu_seconds']:.0f} CPU-s", flush=True)
             early = load_early_features(fpath, len(inp.bank_images), flip, shared)
+        mirror_targets = None
+        if cfg.specialize is not None and cfg.specialize.tune_mirrors:  # the teacher's responses to the mirrors
+            mirror_targets = _mirror_bank(inp, base, col, targets)[1][len(targets):]
         cpu0 = time.process_time()
-        start = neuron_start(shared, neuron, inp.bank_images, cfg.specialize, targets=targets, early=early)
+        start = neuron_start(shared, neuron, inp.bank_images, cfg.specialize, targets=targets, early=early,
+                             mirror_targets=mirror_targets)
         start_cpu = time.process_time() - cpu0
         del early
         cache.parent.mkdir(parents=True, exist_ok=True)

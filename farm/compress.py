@@ -140,9 +140,11 @@ class CompressConfig:
 
     @property
     def uses_mirrors(self) -> bool:
-        """Whether a training (``distill`` or ``retrain``) needs the teacher's responses to the
-        mirrored training images (``DistillConfig.mirrors``)."""
-        return bool(self.distill.mirrors or self.retrain.mirrors)
+        """Whether a training (``distill``, ``retrain`` or the specialization's tune step) needs the
+        teacher's responses to the mirrored training images (``DistillConfig.mirrors``,
+        ``SpecializeConfig.tune_mirrors``)."""
+        return bool(self.distill.mirrors or self.retrain.mirrors
+                    or (self.specialize is not None and self.specialize.tune_mirrors))
 
     def to_dict(self) -> dict:
         return to_dict(self)

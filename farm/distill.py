@@ -132,6 +132,9 @@ class DistillConfig:
         (``distill(..., mirror_targets=)``; a farm job computes the teacher's responses to the bank's
         mirrors once for all neurons): twice the (image, response) pairs at no extra cost per step;
         ``passes`` count over both. Not with ``augment`` (which asks the teacher itself).
+    average_tail: the weights kept are the plain average of the weights after each of the run's last
+        ``average_tail`` x steps (stochastic weight averaging over the end of the schedule; BatchNorm
+        statistics recalibrated for the averaged weights); 0 = the last step's weights (the paper's).
     """
 
     batch_size: int = 64
@@ -156,6 +159,7 @@ class DistillConfig:
     eval_batch_size: int = 256
     standardize_targets: bool = False
     mirrors: bool = False
+    average_tail: float = 0.0
 
     def __post_init__(self):
         self.betas = tuple(float(b) for b in self.betas)
@@ -183,6 +187,9 @@ class DistillConfig:
             raise ValueError(f"DistillConfig.bn_recalibrate_images must be >= 0, got {self.bn_recalibrate_images}")
         if self.log_every_steps < 1:
             raise ValueError(f"DistillConfig.log_every_steps must be >= 1, got {self.log_every_steps}")
+        if not 0.0 <= self.average_tail <= 1.0:
+            raise ValueError(f"DistillConfig.average_tail must be in [0, 1] (a fraction of the steps), got "
+                             f"{self.average_tail}")
         if self.mirrors and self.augment:
             raise ValueError("DistillConfig.mirrors and augment cannot both be on: augment re-queries the teacher "
                              "on every (randomly flipped) batch; mirrors trains on stored responses to the mirrors")
@@ -420,6 +427,9 @@ def _fit(net: torch.nn.Module, smooth: Callable[[], object], images: np.ndarray,
         from farm.data.images import augment as augment_images
 
     history: list[dict] = []
+    # stochastic weight averaging: the running mean of the weights after each step from average_from on
+    average_from = total_steps - math.ceil(config.average_tail * total_steps) + 1 if config.average_tail else None
+    averaged: list[torch.Tensor] | None = None
     loss_sum = None
     loss_count = 0
     order = torch.empty(0, dtype=torch.long)
@@ -469,6 +479,14 @@ def _fit(net: torch.nn.Module, smooth: Callable[[], object], images: np.ndarray,
         if config.grad_clip is not None:
             torch.nn.utils.clip_grad_value_(net.parameters(), config.grad_clip)
         opt.step()
+        if average_from is not None and step >= average_from:
+            with torch.no_grad():
+                if averaged is None:
+                    averaged = [p.detach().clone() for p in net.parameters()]
+                else:
+                    k = step - average_from + 1  # the number of weights averaged, this one included
+                    for a, p in zip(averaged, net.parameters()):
+                        a.add_(p.detach() - a, alpha=1.0 / k)
         detached = per_neuron.detach().double()
         loss_sum = detached if loss_sum is None else loss_sum + detached
         loss_count += 1
@@ -502,8 +520,18 @@ def _fit(net: torch.nn.Module, smooth: Callable[[], object], images: np.ndarray,
 
     for p in net.parameters():
         p.requires_grad_(True)
-    if recal_idx is not None and eval_images is None:  # with an eval set it happened at the last step
+    if averaged is not None:
+        with torch.no_grad():
+            for a, p in zip(averaged, net.parameters()):
+                p.copy_(a)
+        if config.smooth_sigma > 0 and config.smooth_at_end:  # the kept weights end smoothed, as without averaging
+            smooth()
+    if recal_idx is not None and (eval_images is None or averaged is not None):  # else done at the last step
         recalibrate_bn_(net, images_t[recal_idx.to(images_t.device)], config.eval_batch_size, dev)
+    if averaged is not None and eval_images is not None and history:  # the last entry: the averaged weights
+        pred = predict(net, eval_images, config.eval_batch_size).reshape(len(eval_images), -1)
+        r2 = [squared_pearson(eval_targets[:, j], pred[:, j]) for j in range(pred.shape[1])]
+        history[-1]["eval_r2_averaged"] = r2[0] if len(r2) == 1 else r2
     net.eval()
     if memory_format is torch.channels_last:
         net.to(memory_format=torch.contiguous_format)

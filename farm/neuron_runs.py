@@ -225,7 +225,8 @@ def compress_group_and_log(neuron_ids: Sequence[str], inputs: NeuronInputs, comp
                 col = inputs.neuron_ids.index(n)
                 cpu0, wall0 = time.process_time(), time.perf_counter()
                 start = neuron_start(inputs.shared_start, n, inputs.bank_images, cfg.specialize,
-                                     targets=inputs.bank_targets[:, col], early=early)
+                                     targets=inputs.bank_targets[:, col], early=early,
+                                     mirror_targets=inputs.mirror_column(col))
                 start_s = time.perf_counter() - wall0
                 release_freed_memory()  # the specialization's activations: the peak of the task
                 result = compress_neuron(

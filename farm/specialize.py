@@ -42,7 +42,10 @@ class SpecializeConfig:
     the same function at the end of the map fit, and the parameters go to wider late layers).
     tune_passes: then passes of fitting layers 3-4 and the readout to the TEACHER's responses
     (``targets``) on the same frozen early activations (Adam at tune_lr, cosine to 0; BatchNorm
-    statistics fixed); 0: none."""
+    statistics fixed); 0: none.
+    tune_mirrors: the tune step also fits the teacher's responses to the images' left-right mirrors
+    (``mirror_targets``; needs ``flip``, whose mirrored activations it reuses): twice the (image,
+    response) pairs at the same cost per pass over them, so less overfitting per pass."""
 
     late_filters: tuple[int, int] = (16, 4)
     passes: float = 20.0
@@ -54,6 +57,7 @@ class SpecializeConfig:
     tune_passes: float = 0.0
     tune_lr: float = 1e-3
     tune_batch_size: int = 32
+    tune_mirrors: bool = False
 
     def __post_init__(self):
         lf = tuple(int(k) for k in self.late_filters)
@@ -68,6 +72,11 @@ class SpecializeConfig:
             raise ValueError(f"SpecializeConfig.readout must be 'dense' or 'factorized', got {self.readout!r}")
         if not isinstance(self.flip, bool):
             raise ValueError(f"SpecializeConfig.flip must be true or false, got {self.flip!r}")
+        if not isinstance(self.tune_mirrors, bool):
+            raise ValueError(f"SpecializeConfig.tune_mirrors must be true or false, got {self.tune_mirrors!r}")
+        if self.tune_mirrors and not (self.flip and self.tune_passes > 0):
+            raise ValueError("SpecializeConfig.tune_mirrors needs flip: true (the mirrors' activations) and "
+                             "tune_passes > 0")
 
     def to_dict(self) -> dict:
         return to_dict(self)
@@ -79,14 +88,15 @@ class SpecializeConfig:
 
 def neuron_start(shared: CompactModel, neuron_id: str, images: np.ndarray,
                  config: "SpecializeConfig | None" = None, targets: np.ndarray | None = None,
-                 early: torch.Tensor | None = None) -> CompactModel:
+                 early: torch.Tensor | None = None, mirror_targets: np.ndarray | None = None) -> CompactModel:
     """A neuron's start from a shared student: its exact slice, or with ``config`` its specialized
     model (``specialize``; ``targets``: the teacher's responses to ``images``, for ``tune_passes``;
-    ``early``: the shared student's layer-2 activations of ``images``, computed once for all neurons,
-    ``farm.shared_features``)."""
+    ``mirror_targets``: its responses to their mirrors, for ``tune_mirrors``; ``early``: the shared
+    student's layer-2 activations of ``images``, computed once for all neurons, ``farm.shared_features``)."""
     if config is None:
         return output_slice(shared, neuron_id)
-    return specialize(shared, neuron_id, images, config, targets=targets, early=early)[0]
+    return specialize(shared, neuron_id, images, config, targets=targets, early=early,
+                      mirror_targets=mirror_targets)[0]
 
 
 @torch.no_grad()
@@ -151,13 +161,15 @@ def neuron_map(model: CompactModel, index: int, images: np.ndarray, batch_size: 
 def specialize(shared: CompactModel, neuron_id: str, images: np.ndarray,
                config: SpecializeConfig | None = None, target: CompactModel | None = None,
                target_map: torch.Tensor | None = None,
-               targets: np.ndarray | None = None, early: torch.Tensor | None = None) -> tuple[CompactModel, dict]:
+               targets: np.ndarray | None = None, early: torch.Tensor | None = None,
+               mirror_targets: np.ndarray | None = None) -> tuple[CompactModel, dict]:
     """The neuron's compact model (``config.readout``: dense or factorized) with its own narrow layers
     3-4 (see the module docstring).
     ``target``: another factorized model with this output (e.g. a shared-compact TEACHER) whose map
     and spatial readout are fitted instead of ``shared``'s own (``target_map``: its precomputed map
     on ``images``). ``targets``: the teacher's responses (N,) to ``images``, needed with
-    ``config.tune_passes``. ``early``: ``shared``'s layer-2 activations of ``images`` (then of their
+    ``config.tune_passes``; ``mirror_targets``: its responses (N,) to their left-right mirrors, needed
+    with ``config.tune_mirrors``. ``early``: ``shared``'s layer-2 activations of ``images`` (then of their
     mirrors with ``config.flip``), (N or 2N, K2, R, R), computed once for all neurons
     (``farm.shared_features``); default: computed here. Returns (model in eval mode on CPU, info: seconds, map_r2 = weighted R²
     of the fitted map, wall seconds of its parts: early_s, target_map_s, map_fit_s, tune_s)."""
@@ -170,6 +182,14 @@ def specialize(shared: CompactModel, neuron_id: str, images: np.ndarray,
         if targets.shape != (n_images,) or not np.all(np.isfinite(targets)):
             raise ValueError(f"specialize: targets must be {n_images} finite responses, one per image, "
                              f"got shape {targets.shape}")
+    if config.tune_mirrors:
+        if mirror_targets is None:
+            raise ValueError("specialize: SpecializeConfig.tune_mirrors needs the teacher's responses to the "
+                             "images' mirrors (mirror_targets)")
+        mirror_targets = np.asarray(mirror_targets, dtype=np.float64).reshape(-1)
+        if mirror_targets.shape != (n_images,) or not np.all(np.isfinite(mirror_targets)):
+            raise ValueError(f"specialize: mirror_targets must be {n_images} finite responses, one per image's "
+                             f"mirror, got shape {mirror_targets.shape}")
     spec = shared.spec
     target = shared if target is None else target
     for what, m in (("shared", shared), ("target", target)):
@@ -255,7 +275,10 @@ def specialize(shared: CompactModel, neuron_id: str, images: np.ndarray,
             "map_fit_s": t_fit - t_map}
     if config.tune_passes:
         t = time.perf_counter()
-        info["tune_train_r2"] = _tune(model, a2[:n_images], targets, config)
+        if config.tune_mirrors:  # a2 holds the mirrors' activations after the images' (flip)
+            info["tune_train_r2"] = _tune(model, a2, np.concatenate([targets, mirror_targets]), config)
+        else:
+            info["tune_train_r2"] = _tune(model, a2[:n_images], targets, config)
         info["tune_s"] = time.perf_counter() - t
     model = model.to(memory_format=torch.contiguous_format)
     return model.eval(), {"seconds": time.perf_counter() - t0, **info}

@@ -267,6 +267,33 @@ def test_distill_is_deterministic_for_a_seed_and_loss_decreases(neurons, bank_im
     assert [h["step"] for h in a.history if h["smoothed"]] == [20, 40, 60]
 
 
+def test_average_tail_keeps_the_mean_of_the_last_steps_weights(neurons, bank_images):
+    """``average_tail``: the kept weights are exactly the mean of the weights after each of the last
+    steps (a constant rate, so runs stopped after 8, 9 and 10 steps are the 10-step run's own states),
+    BatchNorm recalibrated for them; the held-out R² of the averaged weights is logged."""
+    images = bank_images[:600]
+    targets = CompactTeacher([neurons[1]]).predict(images)[:, 0]
+    base = dict(batch_size=32, lr=3e-3, smooth_sigma=0.0, seed=3, bn_recalibrate_images=256, log_every_steps=5)
+    states = [dict(distill(tiny_student(), images, targets, DistillConfig(n_images=k * 32, **base)).model.named_parameters())
+              for k in (8, 9, 10)]
+    avg = distill(tiny_student(), images, targets, DistillConfig(n_images=10 * 32, average_tail=0.3, **base),
+                  eval_images=bank_images[2000:2200], eval_targets=CompactTeacher([neurons[1]]).predict(bank_images[2000:2200])[:, 0])
+    for name, p in avg.model.named_parameters():
+        torch.testing.assert_close(p, sum(s[name] for s in states) / 3, rtol=1e-5, atol=1e-6, msg=name)
+    assert not torch.equal(avg.model.readout.weight, states[-1]["readout.weight"])
+    assert avg.steps == 10 and "eval_r2_averaged" in avg.history[-1]
+    ref = tiny_student()  # the BatchNorm statistics are those of the averaged weights on the run's images
+    ref.load_state_dict(avg.model.state_dict())
+    for layer in range(5):
+        ref.bn(layer).reset_running_stats()
+    recalibrate_bn_(ref, images[torch.randperm(600, generator=torch.Generator().manual_seed(4))[:256].numpy()])
+    for layer in range(5):
+        torch.testing.assert_close(avg.model.bn(layer).running_mean, ref.bn(layer).running_mean)
+        torch.testing.assert_close(avg.model.bn(layer).running_var, ref.bn(layer).running_var)
+    with pytest.raises(ValueError, match=r"average_tail must be in \[0, 1\]"):
+        DistillConfig(average_tail=1.5)
+
+
 def test_recalibrate_bn_sets_running_stats_to_data_statistics(bank_images):
     model = tiny_student()
     images = bank_images[:128]

@@ -25,9 +25,10 @@ def sim():
                                                filters=(3, 4), seed=1))
     images = natural_like(SIZE, 4000, np.random.default_rng(2))
     rates = pop.ground_truth.predict(images).astype(np.float32)
+    mirrored = pop.ground_truth.predict(np.ascontiguousarray(images[:, :, ::-1])).astype(np.float32)
     train, held = split_heldout(len(images), 500, seed=0)
     return {"ids": list(pop.neuron_ids), "x": images[train], "y": rates[train], "hx": images[held],
-            "hy": rates[held]}
+            "hy": rates[held], "ym": mirrored[train], "hym": mirrored[held]}
 
 
 def test_resolve_recipe_fills_what_the_job_leaves_out():
@@ -218,6 +219,31 @@ def test_specialize_fits_narrow_late_layers_to_one_neurons_map_of_a_shared_stude
     from farm.specialize import neuron_start
 
     assert neuron_start(shared, nid, sim["x"]).spec.filters == (6, 6, 6, 8, 8)  # no config: the slice
+
+
+def test_tune_mirrors_fits_the_teachers_responses_to_the_mirrors_too(sim, shared6):
+    """``tune_mirrors``: the tune step also fits the teacher's responses to the images' mirrors (on the
+    mirrored activations ``flip`` computes anyway), so the start predicts mirrored held-out images
+    better than a tune on the images alone; without the mirrors' responses it is refused by name."""
+    from farm.specialize import SpecializeConfig, specialize
+
+    nid, col = sim["ids"][1], 1
+    x, y, ym = sim["x"][:800], sim["y"][:800, col], sim["ym"][:800, col]
+    hxm = np.ascontiguousarray(sim["hx"][:, :, ::-1])
+    base = dict(late_filters=(6, 3), passes=3, flip=True, readout="factorized", tune_passes=4)
+    plain, pinfo = specialize(shared6, nid, x, SpecializeConfig(**base), targets=y)
+    both, binfo = specialize(shared6, nid, x, SpecializeConfig(**base, tune_mirrors=True), targets=y, mirror_targets=ym)
+    r2 = {name: squared_pearson(sim["hym"][:, col], predict(m, hxm)) for name, m in (("plain", plain), ("both", both))}
+    assert r2["both"] > r2["plain"] + 0.02, (r2, pinfo, binfo)
+    assert squared_pearson(sim["hy"][:, col], predict(both, sim["hx"])) > 0.6  # still fits the images themselves
+    with pytest.raises(ValueError, match="tune_mirrors needs the teacher's responses to the images' mirrors"):
+        specialize(shared6, nid, x, SpecializeConfig(**base, tune_mirrors=True), targets=y)
+    with pytest.raises(ValueError, match="mirror_targets must be 800 finite responses"):
+        specialize(shared6, nid, x, SpecializeConfig(**base, tune_mirrors=True), targets=y, mirror_targets=ym[:10])
+    with pytest.raises(ValueError, match="tune_mirrors needs flip: true"):
+        SpecializeConfig(late_filters=(6, 3), tune_passes=1, tune_mirrors=True)
+    cfg = CompressConfig.from_dict({"recipe": "shared", "specialize": {**base, "tune_mirrors": True}})
+    assert cfg.uses_mirrors and not CompressConfig.from_dict({"recipe": "shared", "specialize": base}).uses_mirrors
 
 
 def test_mirrored_activations_are_those_of_the_mirrored_images(sim, shared6):
