@@ -15,6 +15,8 @@ cached stages; R² to the teacher on its held-out bank images, raw R² on 190923
                                       # under each variant (compress.* overrides): the farm task's own code
     python benchmarks/slice_probes.py finish --config configs/v4_190923_k35.yaml --neuron 190923:3 \
         --start-variant "specialize.tune_passes=0"     # another config's path, its start varied
+    python benchmarks/slice_probes.py finish --neuron 190923:30 --start-only \
+        --start-variant "specialize.tune_passes=6 specialize.tune_mirrors=true"  # the start's numbers only
 """
 
 import argparse
