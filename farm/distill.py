@@ -509,9 +509,7 @@ def _fit(net: torch.nn.Module, smooth: Callable[[], object], images: np.ndarray,
             if evaluate:
                 if recal_idx is not None:
                     recalibrate_bn_(net, images_t[recal_idx.to(images_t.device)], config.eval_batch_size, dev)
-                pred = predict(net, eval_images, config.eval_batch_size).reshape(len(eval_images), -1)
-                r2 = [squared_pearson(eval_targets[:, j], pred[:, j]) for j in range(pred.shape[1])]
-                info["eval_r2"] = r2[0] if len(r2) == 1 else r2
+                info["eval_r2"] = _eval_r2(net, eval_images, eval_targets, config.eval_batch_size)
             history.append(info)
             if callback is not None:
                 callback(step, info)
@@ -529,13 +527,18 @@ def _fit(net: torch.nn.Module, smooth: Callable[[], object], images: np.ndarray,
     if recal_idx is not None and (eval_images is None or averaged is not None):  # else done at the last step
         recalibrate_bn_(net, images_t[recal_idx.to(images_t.device)], config.eval_batch_size, dev)
     if averaged is not None and eval_images is not None and history:  # the last entry: the averaged weights
-        pred = predict(net, eval_images, config.eval_batch_size).reshape(len(eval_images), -1)
-        r2 = [squared_pearson(eval_targets[:, j], pred[:, j]) for j in range(pred.shape[1])]
-        history[-1]["eval_r2_averaged"] = r2[0] if len(r2) == 1 else r2
+        history[-1]["eval_r2_averaged"] = _eval_r2(net, eval_images, eval_targets, config.eval_batch_size)
     net.eval()
     if memory_format is torch.channels_last:
         net.to(memory_format=torch.contiguous_format)
     return history, step, time.perf_counter() - t0
+
+
+def _eval_r2(net: torch.nn.Module, eval_images, eval_targets: np.ndarray, batch_size: int):
+    """Squared Pearson r of each output against ``eval_targets`` (M, n): a float for one output, else a list."""
+    pred = predict(net, eval_images, batch_size).reshape(len(eval_images), -1)
+    r2 = [squared_pearson(eval_targets[:, j], pred[:, j]) for j in range(pred.shape[1])]
+    return r2[0] if len(r2) == 1 else r2
 
 
 # ---------------------------------------------------------------------------------------------------
