@@ -194,7 +194,7 @@ def finish(inp, neuron: str, variants: list[str], threads: int, start_variant: s
             early = load_early_features(fpath, len(inp.bank_images), flip, shared)
         mirror_targets = None
         if cfg.specialize is not None and cfg.specialize.tune_mirrors:  # the teacher's responses to the mirrors
-            mirror_targets = _mirror_bank(inp, base, col, targets)[1][len(targets):]
+            mirror_targets = _mirror_responses(inp, base)[:, col].astype(targets.dtype)
         cpu0 = time.process_time()
         start = neuron_start(shared, neuron, inp.bank_images, cfg.specialize, targets=targets, early=early,
                              mirror_targets=mirror_targets)
@@ -252,8 +252,14 @@ def finish(inp, neuron: str, variants: list[str], threads: int, start_variant: s
 
 def _mirror_bank(inp, cfg, col: int, targets: np.ndarray):
     """The bank images with their left-right mirrors appended, and ``targets`` with the teacher's
-    responses to the mirrors (``compute_teacher_responses(mirror=True)``, all neurons, cached under
-    farm_runs/probes/ by the images' fingerprint)."""
+    responses to the mirrors (``_mirror_responses``)."""
+    images = np.concatenate([inp.bank_images, inp.bank_images[:, :, ::-1]])
+    return images, np.concatenate([targets, _mirror_responses(inp, cfg)[:, col].astype(targets.dtype)])
+
+
+def _mirror_responses(inp, cfg) -> np.ndarray:
+    """The teacher's responses (N, neurons) to the bank images' left-right mirrors
+    (``compute_teacher_responses(mirror=True)``, cached under farm_runs/probes/ by the images' fingerprint)."""
     from farm.pipeline import prepare_sessions, prepare_teacher
     from farm.teacher_responses import compute_teacher_responses, shard_responses
 
@@ -262,10 +268,8 @@ def _mirror_bank(inp, cfg, col: int, targets: np.ndarray):
     check = shard_responses(teacher, inp.bank_images[:64], batch_size=32)
     if not np.allclose(check, inp.bank_targets[:64], rtol=1e-3, atol=1e-4):
         raise SystemExit("the teacher's responses to 64 bank images differ from the cached bank targets")
-    resp = compute_teacher_responses(teacher, inp.bank_images, batch_size=32, cache_dir="farm_runs/probes",
+    return compute_teacher_responses(teacher, inp.bank_images, batch_size=32, cache_dir="farm_runs/probes",
                                      teacher_id=info["teacher_id"], mirror=True).responses
-    images = np.concatenate([inp.bank_images, inp.bank_images[:, :, ::-1]])
-    return images, np.concatenate([targets, resp[:, col].astype(targets.dtype)])
 
 
 def _load_start(path: Path):
