@@ -141,6 +141,12 @@ def main(argv=None) -> None:
             cells = [f"{float(squared_pearson_rows(y[i], preds[k][i])):.3f} / "
                      f"{float(squared_pearson_rows(preds[tk][i], preds[k][i])):.3f}" for k in others]
             print(f"| {n} | {float(squared_pearson_rows(y[i], preds[tk][i])):.3f} | " + " | ".join(cells) + " |")
+        # a model whose error is independent of the neuron keeps (teacher's raw R²) x (its R² to the teacher)
+        t_raw = squared_pearson_rows(y, preds[tk])
+        for k in others:
+            ex = squared_pearson_rows(y, preds[k]) - t_raw * squared_pearson_rows(preds[tk], preds[k])
+            print(f"{k}: raw R² minus the teacher's raw R² x its R² to the teacher: median {np.median(ex):+.3f}, "
+                  f"above on {int(np.sum(ex > 0))} of {len(ex)} (> 0: more than a model whose error is independent of the neuron keeps)")
     print(f"\n{len(neurons)} neurons, {y.shape[1]} test images, {a.boot} paired resamples; 95% intervals\n")
     modes = ("images", "neurons", "both")
     boots = {m: bootstrap_medians(y, preds, a.boot, m) for m in modes}
