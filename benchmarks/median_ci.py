@@ -23,20 +23,12 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from farm.metrics import r2_raw  # noqa: E402  (squared Pearson r per neuron, as the jobs score)
+
 TEST_SESSION = "190923"
 TEACHER = "../shared/models/published/shared_compact_models/from_ensemble_model/shared_compact_model_200filters.keras"
 PUBLISHED = "../shared/models/published"
 GOAL = 0.40
-
-
-def squared_pearson_rows(y: np.ndarray, p: np.ndarray) -> np.ndarray:
-    """Squared Pearson r along the last axis of y and p (same shape); NaN where either is constant."""
-    y = y - y.mean(-1, keepdims=True)
-    p = p - p.mean(-1, keepdims=True)
-    num = (y * p).sum(-1)
-    den = np.sqrt((y * y).sum(-1) * (p * p).sum(-1))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return (num / den) ** 2
 
 
 def bootstrap_medians(responses: np.ndarray, preds: dict[str, np.ndarray], n_boot: int, mode: str,
@@ -55,7 +47,7 @@ def bootstrap_medians(responses: np.ndarray, preds: dict[str, np.ndarray], n_boo
         neu = rng.integers(0, n_neur, n_neur) if mode in ("neurons", "both") else np.arange(n_neur)
         y = responses[np.ix_(neu, img)]
         for k, p in preds.items():
-            out[k][b] = np.nanmedian(squared_pearson_rows(y, p[np.ix_(neu, img)]))
+            out[k][b] = np.nanmedian(r2_raw(y, p[np.ix_(neu, img)]))
     return out
 
 
@@ -120,7 +112,7 @@ def main(argv=None) -> None:
     for rp in a.rows:
         preds, claimed = load_rows_models(rp, tracker, ids, images)
         sets[f"farm: {rp.stem}"] = preds
-        got = {n: float(squared_pearson_rows(responses[ids.index(n)], v)) for n, v in preds.items()}
+        got = {n: r2_raw(responses[ids.index(n)], v)[0] for n, v in preds.items()}
         worst = max(abs(got[n] - claimed[n]) for n in got)
         print(f"{rp}: {len(preds)} models; raw R² as the rows file within {worst:.1e}", flush=True)
     neurons = sorted(set.intersection(*(set(s) for s in sets.values())), key=ids.index)
@@ -131,20 +123,20 @@ def main(argv=None) -> None:
     preds["teacher (K=200)"] = teacher[:, cols].T
     preds["published per-neuron models"] = np.stack([predict(published[c], images, batch_size=32) for c in cols])
     y = responses[cols]
-    point = {k: float(np.nanmedian(squared_pearson_rows(y, v))) for k, v in preds.items()}
+    point = {k: float(np.nanmedian(r2_raw(y, v))) for k, v in preds.items()}
     if a.per_neuron:
         tk = "teacher (K=200)"
         others = [k for k in preds if k != tk]
         print("\n| neuron | teacher raw | " + " | ".join(f"{k}: raw / R² to teacher" for k in others) + " |")
         print("|---|---|" + "---|" * len(others))
         for i, n in enumerate(neurons):
-            cells = [f"{float(squared_pearson_rows(y[i], preds[k][i])):.3f} / "
-                     f"{float(squared_pearson_rows(preds[tk][i], preds[k][i])):.3f}" for k in others]
-            print(f"| {n} | {float(squared_pearson_rows(y[i], preds[tk][i])):.3f} | " + " | ".join(cells) + " |")
+            cells = [f"{r2_raw(y[i], preds[k][i])[0]:.3f} / "
+                     f"{r2_raw(preds[tk][i], preds[k][i])[0]:.3f}" for k in others]
+            print(f"| {n} | {r2_raw(y[i], preds[tk][i])[0]:.3f} | " + " | ".join(cells) + " |")
         # a model whose error is independent of the neuron keeps (teacher's raw R²) x (its R² to the teacher)
-        t_raw = squared_pearson_rows(y, preds[tk])
+        t_raw = r2_raw(y, preds[tk])
         for k in others:
-            ex = squared_pearson_rows(y, preds[k]) - t_raw * squared_pearson_rows(preds[tk], preds[k])
+            ex = r2_raw(y, preds[k]) - t_raw * r2_raw(preds[tk], preds[k])
             print(f"{k}: raw R² minus the teacher's raw R² x its R² to the teacher: median {np.median(ex):+.3f}, "
                   f"above on {int(np.sum(ex > 0))} of {len(ex)} (> 0: more than a model whose error is independent of the neuron keeps)")
     print(f"\n{len(neurons)} neurons, {y.shape[1]} test images, {a.boot} paired resamples; 95% intervals\n")
@@ -161,7 +153,7 @@ def main(argv=None) -> None:
           "| neuron by neuron: median difference, higher on |")
     print("|---|---|---|---|---|---|")
     names = list(preds)
-    raw = {k: squared_pearson_rows(y, v) for k, v in preds.items()}
+    raw = {k: r2_raw(y, v) for k, v in preds.items()}
     for i, k in enumerate(names):
         for j in names[i + 1:]:
             d = {m: boots[m][k] - boots[m][j] for m in modes}
