@@ -135,6 +135,8 @@ class DistillConfig:
     average_tail: the weights kept are the plain average of the weights after each of the run's last
         ``average_tail`` x steps (stochastic weight averaging over the end of the schedule; BatchNorm
         statistics recalibrated for the averaged weights); 0 = the last step's weights (the paper's).
+    early_lr_scale: layers 0-2 train at this factor x ``lr`` (e.g. < 1 keeps more of a shared model's
+        early filters while the later layers adapt); 1 = every layer at ``lr`` (the paper's).
     """
 
     batch_size: int = 64
@@ -160,6 +162,7 @@ class DistillConfig:
     standardize_targets: bool = False
     mirrors: bool = False
     average_tail: float = 0.0
+    early_lr_scale: float = 1.0
 
     def __post_init__(self):
         self.betas = tuple(float(b) for b in self.betas)
@@ -169,6 +172,8 @@ class DistillConfig:
             raise ValueError(f"DistillConfig.lr must be > 0, got {self.lr}")
         if self.loss != "mse":
             raise ValueError(f"DistillConfig.loss: only 'mse' (the paper's) is implemented, got {self.loss!r}")
+        if not self.early_lr_scale > 0:
+            raise ValueError(f"DistillConfig.early_lr_scale must be > 0, got {self.early_lr_scale}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"DistillConfig.lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
         if self.n_images is None and not self.passes > 0:
@@ -355,11 +360,18 @@ def distill(student: CompactModel, images: np.ndarray, targets: np.ndarray | Non
             rescale_outputs_(student, -scale[0] / scale[1], 1.0 / scale[1])
     history, steps, seconds = _fit(student, lambda: smooth_kernels_(student, config.smooth_sigma), images,
                                    targets, config, device, callback, eval_images, eval_targets, teacher, columns,
-                                   mirrored=config.mirrors)
+                                   lr_scales=_early_lr_scales(student, config.early_lr_scale), mirrored=config.mirrors)
     if scale is not None:
         rescale_outputs_(student, *scale)
     return DistillResult(model=student, history=history, steps=steps, images_seen=steps * config.batch_size,
                          seconds=seconds)
+
+
+def _early_lr_scales(model: CompactModel, scale: float) -> dict | None:
+    """{parameter: scale} for the parameters of layers 0-2 (``_fit``'s ``lr_scales``); None at 1."""
+    if scale == 1.0:
+        return None
+    return {p: scale for name, p in model.named_parameters() if name.split("_")[0] in ("layer0", "layer1", "layer2")}
 
 
 def _standardized(targets: np.ndarray, eval_targets: np.ndarray | None):

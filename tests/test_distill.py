@@ -428,3 +428,23 @@ def test_distill_many_trains_a_pack_like_students_one_by_one(bank_images):
                      targets[:, :2], cfg)
     with pytest.raises(ValueError, match="neurons"):
         distill_many(students(), images, targets[:, :2], cfg)
+
+
+def test_early_lr_scale_slows_layers_0_to_2_only(neurons, bank_images):
+    """``early_lr_scale``: layers 0-2 train at that factor of the rate, the rest at the rate. Adam's
+    first step moves every parameter by ~lr x sign(gradient), so after one step from the same weights
+    the early layers have moved by the factor x their unscaled move and the later layers alike."""
+    images = bank_images[:64]
+    targets = CompactTeacher([neurons[1]]).predict(images)[:, 0]
+    base = dict(n_images=32, batch_size=32, lr=1e-3, smooth_sigma=0.0, seed=3, bn_recalibrate_images=0)
+    start = dict(tiny_student().named_parameters())
+    moved = {f: {n: (p - start[n]).detach() for n, p in distill(tiny_student(), images, targets, DistillConfig(
+        early_lr_scale=f, **base)).model.named_parameters()} for f in (1.0, 0.1)}
+    early = [n for n in start if n.split("_")[0] in ("layer0", "layer1", "layer2")]
+    assert early and len(early) < len(start)
+    for n in start:
+        want = moved[1.0][n] * (0.1 if n in early else 1.0)
+        torch.testing.assert_close(moved[0.1][n], want, rtol=1e-3, atol=1e-7, msg=n)
+    assert moved[1.0]["layer0_conv.weight"].abs().max() > 5e-4  # the step did move them
+    with pytest.raises(ValueError, match="early_lr_scale must be > 0"):
+        DistillConfig(early_lr_scale=0)
