@@ -71,6 +71,10 @@ class PruneConfig:
     iterative: prune one layer, call the caller's ``retrain`` hook (a short retrain), then the next
         layer, instead of the paper's single round (§5.5).
     batch_size: images per forward pass.
+    max_filters: None (default, the paper) or five ints K0..K4: each layer keeps at most that many
+        filters, the ones its criterion ranks highest, even where fewer would pass tau (or delta). For
+        a start wider than the size a user wants (e.g. a 50-filter shared model, of which each neuron
+        keeps its own 34 per early layer): the criterion picks which filters, the cap how many.
     """
 
     tau: float = 0.9
@@ -81,6 +85,7 @@ class PruneConfig:
     search: str = "first"
     iterative: bool = False
     batch_size: int = 64
+    max_filters: tuple[int, ...] | None = None
 
     def __post_init__(self):
         if not 0.0 < self.tau <= 1.0:
@@ -95,6 +100,13 @@ class PruneConfig:
             raise ValueError(f"PruneConfig.search must be one of {SEARCHES}, got {self.search!r}")
         if int(self.batch_size) != self.batch_size or self.batch_size < 1:
             raise ValueError(f"PruneConfig.batch_size must be an int >= 1, got {self.batch_size}")
+        if self.max_filters is not None:
+            caps = self.max_filters
+            if (isinstance(caps, (str, bytes)) or not hasattr(caps, "__len__") or len(caps) != N_LAYERS
+                    or any(isinstance(c, bool) or int(c) != c or c < self.min_filters for c in caps)):
+                raise ValueError(f"PruneConfig.max_filters must be null or {N_LAYERS} ints >= min_filters "
+                                 f"({self.min_filters}), one per layer K0..K4, got {caps!r}")
+            object.__setattr__(self, "max_filters", tuple(int(c) for c in caps))
 
     def to_dict(self) -> dict:
         return to_dict(self)
@@ -239,7 +251,7 @@ def _last_layer_decision(model, images, targets, config: PruneConfig, device) ->
     curve = np.array([_r2(s, targets) for s in tail_sums])
     baseline = float(curve[0])
     passes = curve > config.tau * baseline
-    n_remove = _n_remove(passes, k4, config.min_filters, config.off_by_one, "first")
+    n_remove = _n_remove(passes, k4, config.min_filters, config.off_by_one, "first", _cap(config, 4))
     value = float(curve[n_remove] / baseline) if baseline > 0 else 0.0
     return _decision(4, order, sd, curve, n_remove, value, baseline)
 
@@ -300,7 +312,7 @@ def _reconstruction_decision(model, layer: int, images, config: PruneConfig, dev
     curve = 1.0 - dropped_ss / total if total > 0 else np.ones(n + 1)
     curve[0] = 1.0
     passes = curve >= config.tau
-    n_remove = _n_remove(passes, n, config.min_filters, config.off_by_one, config.search)
+    n_remove = _n_remove(passes, n, config.min_filters, config.off_by_one, config.search, _cap(config, layer))
     return _decision(layer, order, scores, curve, n_remove, float(curve[n_remove]), 1.0)
 
 
@@ -340,7 +352,7 @@ def _ablation_decision(model, layer: int, images, targets, config: PruneConfig, 
     else:
         curve = np.array([r2_start])
     passes = curve >= r2_start - config.delta
-    n_remove = _n_remove(passes, n, config.min_filters, False, "first")
+    n_remove = _n_remove(passes, n, config.min_filters, False, "first", _cap(config, layer))
     return _decision(layer, order, importance, curve, n_remove, float(curve[n_remove]), float(r2_start))
 
 
@@ -416,11 +428,17 @@ def prune(model: CompactModel, images, targets, config: PruneConfig | None = Non
 
 
 # -- helpers -----------------------------------------------------------------------------------------
-def _n_remove(passes: np.ndarray, n: int, min_filters: int, off_by_one: bool, search: str) -> int:
+def _cap(config: PruneConfig, layer: int) -> int | None:
+    return None if config.max_filters is None else config.max_filters[layer]
+
+
+def _n_remove(passes: np.ndarray, n: int, min_filters: int, off_by_one: bool, search: str,
+              max_keep: int | None = None) -> int:
     """How many of the ordered filters to drop, from passes[m] = (dropping the first m is acceptable).
 
     The crossing m* is the first m that fails (len(passes) if none). The stated rule drops m* - 1, the
-    paper's code m* (off_by_one). Never more than n - min_filters.
+    paper's code m* (off_by_one). At least n - max_keep where a cap is given; never more than
+    n - min_filters.
     """
     n_curve = len(passes)
     if search == "first":
@@ -435,6 +453,8 @@ def _n_remove(passes: np.ndarray, n: int, min_filters: int, off_by_one: bool, se
             lo, hi = (mid, hi) if passes[mid] else (lo, mid)
         crossing = hi
     n_remove = crossing if off_by_one else crossing - 1
+    if max_keep is not None:
+        n_remove = max(n_remove, n - max_keep)
     return int(max(0, min(n_remove, n - min_filters, n_curve - 1)))
 
 

@@ -322,6 +322,28 @@ def test_min_filters_is_respected(images, targets, model):
     assert res.filters == (4, 4, 4, 4, 4) and all(h["removed"] == [] for h in res.history)
 
 
+def test_max_filters_caps_each_layer_and_keeps_the_criterions_best(images, targets, model):
+    """A cap keeps at most that many filters per layer, and they are the ones the criterion ranks highest:
+    the uncapped decision's ranking, cut at the cap (tau 1.0 alone keeps every filter)."""
+    caps = (7, 6, 8, 5, 4)
+    for criterion in ("reconstruction", "ablation"):
+        res = prune(model, images, targets, PruneConfig(tau=1.0, delta=0.0, criterion=criterion, max_filters=caps))
+        assert res.filters == caps, criterion
+    uncapped = prune_layer(model, 2, images, PruneConfig(tau=1.0))
+    capped = prune_layer(model, 2, images, PruneConfig(tau=1.0, max_filters=caps))
+    assert len(uncapped.keep) == FILTERS[2] and len(capped.keep) == caps[2]
+    assert capped.keep == sorted(uncapped.order[FILTERS[2] - caps[2]:])
+    assert capped.value == pytest.approx(uncapped.curve[FILTERS[2] - caps[2]])
+    last = prune_last_layer(model, images, targets, PruneConfig(tau=1.0, max_filters=caps))
+    assert last.keep == sorted(last.order[FILTERS[4] - caps[4]:])
+    # a cap above what tau keeps changes nothing
+    loose = prune(model, images, targets, PruneConfig(tau=0.9, max_filters=FILTERS))
+    assert loose.filters == prune(model, images, targets, PruneConfig(tau=0.9)).filters
+    for bad in ((7, 6, 8, 5), (7, 6, 8, 5, 2), (7, 6, 8, 5, 4.5), "77777"):
+        with pytest.raises(ValueError, match="max_filters"):
+            PruneConfig(max_filters=bad)
+
+
 def test_the_input_model_is_not_modified_and_pruning_is_deterministic(model, images, targets, result):
     m = copy.deepcopy(model).train()
     before = {k: v.clone() for k, v in m.state_dict().items()}
