@@ -75,6 +75,13 @@ class PruneConfig:
         filters, the ones its criterion ranks highest, even where fewer would pass tau (or delta). For
         a start wider than the size a user wants (e.g. a 50-filter shared model, of which each neuron
         keeps its own 34 per early layer): the criterion picks which filters, the cap how many.
+    compensate: "reconstruction", layers 0-3 only. False (default, the paper): dropped filters are
+        zeroed and the rest left as they are. True: before zeroing, layer l+1's pointwise kernel and
+        bias absorb the least-squares estimate of what the dropped filters fed it from the kept ones
+        (the dropped channels of D regressed on the kept ones over the pruning images and pixels;
+        as in channel pruning by feature-map reconstruction, He et al. 2017 / ThiNet). The choice of
+        filters is unchanged; the pruned model reconstructs layer l+1 better, so less is left for
+        the retrain to repair.
     """
 
     tau: float = 0.9
@@ -86,6 +93,7 @@ class PruneConfig:
     iterative: bool = False
     batch_size: int = 64
     max_filters: tuple[int, ...] | None = None
+    compensate: bool = False
 
     def __post_init__(self):
         if not 0.0 < self.tau <= 1.0:
@@ -100,6 +108,9 @@ class PruneConfig:
             raise ValueError(f"PruneConfig.search must be one of {SEARCHES}, got {self.search!r}")
         if int(self.batch_size) != self.batch_size or self.batch_size < 1:
             raise ValueError(f"PruneConfig.batch_size must be an int >= 1, got {self.batch_size}")
+        if self.compensate and self.criterion != "reconstruction":
+            raise ValueError("PruneConfig.compensate needs criterion 'reconstruction' (its regression comes from "
+                             f"that criterion's statistics), got criterion {self.criterion!r}")
         if self.max_filters is not None:
             caps = self.max_filters
             if (isinstance(caps, (str, bytes)) or not hasattr(caps, "__len__") or len(caps) != N_LAYERS
@@ -138,6 +149,7 @@ class LayerPruning:
     keep: list[int]
     value: float
     baseline: float
+    compensation: tuple | None = field(default=None, repr=False)  # (A, c): see ``compensate_``
 
 
 @dataclass
@@ -313,7 +325,38 @@ def _reconstruction_decision(model, layer: int, images, config: PruneConfig, dev
     curve[0] = 1.0
     passes = curve >= config.tau
     n_remove = _n_remove(passes, n, config.min_filters, config.off_by_one, config.search, _cap(config, layer))
-    return _decision(layer, order, scores, curve, n_remove, float(curve[n_remove]), 1.0)
+    decision = _decision(layer, order, scores, curve, n_remove, float(curve[n_remove]), 1.0)
+    if config.compensate and decision.remove:
+        decision.compensation = _least_squares(ch_mean.cpu().numpy(), (ch_m2 / n_pix).cpu().numpy(),
+                                               decision.keep, decision.remove)
+    return decision
+
+
+def _least_squares(mean: np.ndarray, cov: np.ndarray, keep: list[int], remove: list[int]):
+    """D_R ~ A D_K + c, the least-squares regression of the dropped channels on the kept ones
+    (a tiny ridge keeps it defined for constant or collinear channels)."""
+    ckk = cov[np.ix_(keep, keep)]
+    ridge = 1e-6 * max(float(np.trace(ckk)) / max(len(keep), 1), 1e-12)
+    a = np.linalg.solve(ckk + ridge * np.eye(len(keep)), cov[np.ix_(keep, remove)]).T  # (|R|, |K|)
+    return a, mean[remove] - a @ mean[keep]
+
+
+def compensate_(model: CompactModel, decision: LayerPruning) -> CompactModel:
+    """Fold a reconstruction decision's least-squares compensation into layer l+1 in place: with
+    W = layer l+1's pointwise kernel, W[:, K] += W[:, R] A and its bias += W[:, R] c, so that
+    W[:, K] D_K + bias estimates W D + bias without the dropped filters R. Returns ``model``."""
+    if decision.compensation is None:
+        return model
+    a, c = decision.compensation
+    point = model.pointwise(decision.layer + 1)
+    with torch.no_grad():
+        w = point.weight[:, :, 0, 0]
+        keep = _filter_index(model, decision.layer, decision.keep)
+        remove = _filter_index(model, decision.layer, decision.remove)
+        w_r = w[:, remove].double()
+        w[:, keep] += (w_r @ torch.as_tensor(a, dtype=torch.float64, device=w.device)).to(w.dtype)
+        point.bias += (w_r @ torch.as_tensor(c, dtype=torch.float64, device=w.device)).to(w.dtype)
+    return model
 
 
 def ablate_layer(model: CompactModel, layer: int, images, targets, config: PruneConfig | None = None,
@@ -391,6 +434,7 @@ def prune(model: CompactModel, images, targets, config: PruneConfig | None = Non
             decision = prune_last_layer(current, images, targets, config, device)
         else:
             decision = prune_layer(current, layer, images, config, device)
+        compensate_(current, decision)
         zero_filters_(current, layer, decision.remove)
         entry = {"layer": layer, "filters_before": before, "filters_after": len(decision.keep),
                  "removed": [original[layer][j] for j in decision.remove], "criterion": config.criterion,

@@ -21,12 +21,14 @@ from farm.models.compact import CompactSpec, build_compact, narrow
 from farm.prune import (
     PruneConfig,
     ablate_layer,
+    compensate_,
     masked_copy,
     prune,
     prune_last_layer,
     prune_layer,
     zero_filters_,
 )
+from farm.prune import _depthwise  # layer+1's depthwise conv with its stride and 'same' padding
 
 SIZE = 24
 FILTERS = (12, 10, 11, 9, 8)  # unequal widths catch index mix-ups between layers
@@ -342,6 +344,40 @@ def test_max_filters_caps_each_layer_and_keeps_the_criterions_best(images, targe
     for bad in ((7, 6, 8, 5), (7, 6, 8, 5, 2), (7, 6, 8, 5, 4.5), "77777"):
         with pytest.raises(ValueError, match="max_filters"):
             PruneConfig(max_filters=bad)
+
+
+def test_compensation_is_the_least_squares_reconstruction_of_the_next_layer(model, images, targets):
+    """With ``compensate``, layer l+1's output (pre-BN, with bias) without the dropped filters is the
+    least-squares fit of the full one from the kept filters (and a constant): the best any change of
+    layer l+1's pointwise kernel and bias can do, and far better than zeroing alone."""
+    cfg = PruneConfig(tau=1.0, max_filters=(6, 5, 6, 5, 4), compensate=True)
+    model = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        acts = model.embed(recenter(images))
+        for layer in range(4):
+            decision = prune_layer(model, layer, images, cfg)
+            assert decision.compensation is not None and len(decision.keep) == cfg.max_filters[layer]
+            x = acts[layer]
+            y = model.layer_pre(layer + 1, x).double()
+            zeroed = zero_filters_(copy.deepcopy(model), layer, decision.remove)
+            fixed = zero_filters_(compensate_(copy.deepcopy(model), decision), layer, decision.remove)
+            err_zeroed = float(((zeroed.layer_pre(layer + 1, x).double() - y) ** 2).sum())
+            err_fixed = float(((fixed.layer_pre(layer + 1, x).double() - y) ** 2).sum())
+            # the optimum: regress y on the kept channels of the depthwise output and a constant
+            d = _depthwise(model, layer + 1, x).double().permute(0, 2, 3, 1).reshape(-1, FILTERS[layer])
+            design = torch.cat([d[:, decision.keep], torch.ones(len(d), 1, dtype=torch.float64)], dim=1)
+            yf = y.permute(0, 2, 3, 1).reshape(-1, y.shape[1])
+            err_best = float(((design @ torch.linalg.lstsq(design, yf).solution - yf) ** 2).sum())
+            assert err_fixed == pytest.approx(err_best, rel=1e-4), layer
+            assert err_fixed < 0.9 * err_zeroed, layer
+    # the same filters either way (the compensation changes the weights, not the choice)
+    plain = prune(model, images, targets, PruneConfig(tau=1.0, max_filters=cfg.max_filters))
+    comp = prune(model, images, targets, cfg)
+    assert comp.keep == plain.keep
+    assert not torch.equal(comp.model.pointwise(1).weight, plain.model.pointwise(1).weight)
+    assert prune_layer(model, 2, images, PruneConfig(tau=1.0, max_filters=cfg.max_filters)).compensation is None
+    with pytest.raises(ValueError, match="compensate"):
+        PruneConfig(criterion="ablation", compensate=True)
 
 
 def test_the_input_model_is_not_modified_and_pruning_is_deterministic(model, images, targets, result):
