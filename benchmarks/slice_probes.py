@@ -249,10 +249,11 @@ def finish(inp, neuron: str, variants: list[str], threads: int, start_variant: s
         print(f"| {neuron} {v or 'as configured'} | {r.r2_teacher_distilled:.3f} / {pr} / {r.r2_teacher_heldout:.3f} | "
               f"{r.r2_raw:.3f} | {r.param_count:,} | {'-'.join(map(str, r.filters))} | {cpu:.0f} | "
               f"{r.timings['prune_s']:.0f} / {r.timings['retrain_s']:.0f} |", flush=True)
-        print(f"  final R² to the teacher on 2,000 of its training images: {train_r2(r.model()):.3f}", flush=True)
-        _calibrated(r.model(), images, targets, inp.heldout_images, inp.heldout_targets[:, col], real)
+        model = r.model()
+        print(f"  final R² to the teacher on 2,000 of its training images: {train_r2(model):.3f}", flush=True)
+        _calibrated(model, images, targets, inp.heldout_images, inp.heldout_targets[:, col], real)
         final = cache.with_name(f"final_{cache.stem[len('start_'):]}_{'_'.join(v.split()).replace('=', '') or 'config'}.pt")
-        torch.save({"spec": r.model().spec.to_dict(), "state_dict": r.model().state_dict(), "cpu_s": cpu}, final)
+        torch.save({"spec": model.spec.to_dict(), "state_dict": model.state_dict(), "cpu_s": cpu}, final)
 
 
 def _calibrated(model, images, targets, held_images, held_targets, real, n_fit: int = 5000) -> None:
