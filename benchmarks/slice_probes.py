@@ -60,6 +60,10 @@ def main(argv=None):
                    help="finish: prune and retrain on the bank images AND their left-right mirrors, with the "
                         "teacher's responses to the mirrors (computed once for all neurons, cached under "
                         "farm_runs/probes/): twice the (image, response) pairs; passes count over both")
+    p.add_argument("--gaudy-bank", type=float, default=0.0, metavar="FRACTION",
+                   help="finish: prune and retrain on the bank images AND the gaudy transforms (method.md §1.5) "
+                        "of their first FRACTION, with the teacher's responses to those (computed once for all "
+                        "neurons, cached under farm_runs/probes/); passes count over all the pairs")
     p.add_argument("--neurons", default="190923:0-7", help="ceilings: the neurons (a selection)")
     p.add_argument("--goal", type=float, default=0.40, help="headroom: the median raw R² to reach")
     p.add_argument("--k", type=int, default=10, help="early filters of the published shared model")
@@ -95,7 +99,7 @@ def main(argv=None):
         return headroom(inp, a.goal)
     if a.probe == "finish":
         return finish(inp, a.neuron, [] if a.start_only else (a.variant or [""]), a.threads, a.start_variant, a.config, a.start_weight,
-                      a.pre_variant, a.mirror_bank)
+                      a.pre_variant, a.mirror_bank, a.gaudy_bank)
     col = inp.neuron_ids.index(a.neuron)
     x, y, hx, hy = inp.bank_images, inp.bank_targets[:, col], inp.heldout_images, inp.heldout_targets[:, col]
     rd = inp.real[a.neuron.split(":")[0]]
@@ -129,7 +133,7 @@ def main(argv=None):
 
 def finish(inp, neuron: str, variants: list[str], threads: int, start_variant: str = "",
            config: str = "v4_190923", start_weight: float = 0.0, pre_variant: str = "",
-           mirror_bank: bool = False) -> None:
+           mirror_bank: bool = False, gaudy_bank: float = 0.0) -> None:
     """The farm task's own path for one neuron (``config``, default configs/v4_190923.yaml): its specialized start
     (``neuron_start``, with the compress.* overrides ``start_variant``, from the shared model's layer-2
     activations of the bank computed once for all neurons as the farm job does; cached under
@@ -138,7 +142,8 @@ def finish(inp, neuron: str, variants: list[str], threads: int, start_variant: s
     the start's tune step and the retrains fit a blend of the teacher's responses and the shared
     model's own (its slice's, from the paper's ensemble on real data) instead of the teacher's alone.
     ``mirror_bank``: the pruning and retraining (not the start) see the bank and its mirrors, with the
-    teacher's responses to the mirrors."""
+    teacher's responses to the mirrors. ``gaudy_bank``: they also see the gaudy transforms of the bank's
+    first ``gaudy_bank`` x N images, with the teacher's responses to those."""
     import time
 
     import torch
@@ -237,6 +242,10 @@ def finish(inp, neuron: str, variants: list[str], threads: int, start_variant: s
     if mirror_bank:
         images, targets = _mirror_bank(inp, base, col, targets)
         print(f"mirror bank: {len(images)} (image, response) pairs", flush=True)
+    if gaudy_bank:
+        extra, extra_targets = _gaudy_bank(inp, base, col, gaudy_bank)
+        images, targets = np.concatenate([images, extra]), np.concatenate([targets, extra_targets.astype(targets.dtype)])
+        print(f"gaudy bank: {len(extra)} gaudy images appended, {len(images)} (image, response) pairs", flush=True)
     for v in variants:
         vcfg = load_job_config(config, start_sets + [f"compress.{o}" for o in v.split()])
         vc = CompressConfig.for_seed(vcfg.compress, vcfg.seed)
@@ -277,9 +286,28 @@ def _mirror_bank(inp, cfg, col: int, targets: np.ndarray):
     return images, np.concatenate([targets, _mirror_responses(inp, cfg)[:, col].astype(targets.dtype)])
 
 
+def _gaudy_bank(inp, cfg, col: int, fraction: float):
+    """The gaudy transforms of the bank's first ``fraction`` x N images and the teacher's responses to them
+    (neuron ``col``; all neurons' responses computed once and cached under farm_runs/probes/ by the
+    images' fingerprint)."""
+    from farm.data.images import gaudy
+
+    if not 0 < fraction <= 1:
+        raise SystemExit(f"--gaudy-bank must be in (0, 1], got {fraction}")
+    n = int(round(fraction * len(inp.bank_images)))
+    images = np.concatenate([gaudy(inp.bank_images[i:min(i + 1000, n)]) for i in range(0, n, 1000)])  # float64 inside
+    return images, _teacher_responses(inp, cfg, images)[:, col]
+
+
 def _mirror_responses(inp, cfg) -> np.ndarray:
     """The teacher's responses (N, neurons) to the bank images' left-right mirrors
     (``compute_teacher_responses(mirror=True)``, cached under farm_runs/probes/ by the images' fingerprint)."""
+    return _teacher_responses(inp, cfg, inp.bank_images, mirror=True)
+
+
+def _teacher_responses(inp, cfg, images: np.ndarray, mirror: bool = False) -> np.ndarray:
+    """The job's teacher's responses (N, neurons) to ``images`` (or their mirrors), cached under
+    farm_runs/probes/ by the images' fingerprint; checked first against the bank's cached targets."""
     from farm.pipeline import prepare_sessions, prepare_teacher
     from farm.teacher_responses import compute_teacher_responses, shard_responses
 
@@ -288,8 +316,8 @@ def _mirror_responses(inp, cfg) -> np.ndarray:
     check = shard_responses(teacher, inp.bank_images[:64], batch_size=32)
     if not np.allclose(check, inp.bank_targets[:64], rtol=1e-3, atol=1e-4):
         raise SystemExit("the teacher's responses to 64 bank images differ from the cached bank targets")
-    return compute_teacher_responses(teacher, inp.bank_images, batch_size=32, cache_dir="farm_runs/probes",
-                                     teacher_id=info["teacher_id"], mirror=True).responses
+    return compute_teacher_responses(teacher, images, batch_size=32, cache_dir="farm_runs/probes",
+                                     teacher_id=info["teacher_id"], mirror=mirror).responses
 
 
 def _load_start(path: Path):
