@@ -287,9 +287,9 @@ def test_average_tail_keeps_the_mean_of_the_last_steps_weights(neurons, bank_ima
     for layer in range(5):
         ref.bn(layer).reset_running_stats()
     recalibrate_bn_(ref, images[torch.randperm(600, generator=torch.Generator().manual_seed(4))[:256].numpy()])
-    for layer in range(5):
-        torch.testing.assert_close(avg.model.bn(layer).running_mean, ref.bn(layer).running_mean)
-        torch.testing.assert_close(avg.model.bn(layer).running_var, ref.bn(layer).running_var)
+    for layer in range(5):  # distill recalibrates in its channels_last layout: another summation order
+        torch.testing.assert_close(avg.model.bn(layer).running_mean, ref.bn(layer).running_mean, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(avg.model.bn(layer).running_var, ref.bn(layer).running_var, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match=r"average_tail must be in \[0, 1\]"):
         DistillConfig(average_tail=1.5)
 
