@@ -3,7 +3,7 @@
     python benchmarks/memory_format.py [--filters 35,35,35,42,14] [--threads 1] [--steps 8]
 
 ms per image (batch 32, 112 px by default, Adam, MSE; factorized readout as the farm's per-neuron models) for
-NCHW fp32 (what farm.distill runs on CPU today), channels_last (NHWC), bf16 autocast, and both; with
+NCHW fp32 (what farm.distill ran on CPU before 2026-12-06; the tune step of farm.specialize already trained in channels_last), channels_last (NHWC), bf16 autocast, and both; with
 the farm tasks' allocator setting (farm.task_env.keep_freed_memory), without which every format is
 ~2x slower. NCHW fp32 is run first and last to show the machine did not drift.
 """
