@@ -448,3 +448,30 @@ def test_early_lr_scale_slows_layers_0_to_2_only(neurons, bank_images):
     assert moved[1.0]["layer0_conv.weight"].abs().max() > 5e-4  # the step did move them
     with pytest.raises(ValueError, match="early_lr_scale must be > 0"):
         DistillConfig(early_lr_scale=0)
+
+
+def test_frozen_layers_keep_their_weights_and_the_rest_trains_as_before(neurons, bank_images):
+    """``frozen_layers=2``: layers 0-1 end with the weights they started with; after one step the
+    later layers have moved exactly as they move with nothing frozen (the forward pass and their
+    gradients are the same; only the frozen layers' gradients are skipped)."""
+    from farm.distill import distill_many
+
+    images = bank_images[:64]
+    targets = CompactTeacher([neurons[1]]).predict(images)[:, 0]
+    base = dict(n_images=32, batch_size=32, lr=1e-3, smooth_sigma=0.0, seed=3, bn_recalibrate_images=0)
+    start = {n: p.detach().clone() for n, p in tiny_student().named_parameters()}
+    after = {k: dict(distill(tiny_student(), images, targets, DistillConfig(frozen_layers=k, **base))
+                     .model.named_parameters()) for k in (0, 2)}
+    frozen = [n for n in start if n.split("_")[0] in ("layer0", "layer1")]
+    assert frozen and len(frozen) < len(start)
+    for n in start:
+        if n in frozen:
+            torch.testing.assert_close(after[2][n], start[n], rtol=0, atol=0, msg=n)
+            assert not torch.equal(after[0][n], start[n]), n  # they do train when not frozen
+        else:
+            torch.testing.assert_close(after[2][n], after[0][n], rtol=1e-4, atol=1e-7, msg=n)
+        assert after[2][n].requires_grad  # handed back trainable
+    with pytest.raises(ValueError, match="frozen_layers must be an integer in 0..4"):
+        DistillConfig(frozen_layers=5)
+    with pytest.raises(ValueError, match="frozen_layers are not implemented for packed"):
+        distill_many([tiny_student()], images, targets[:, None], DistillConfig(frozen_layers=1, **base))
