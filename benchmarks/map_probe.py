@@ -14,7 +14,8 @@ Starts from finish's cached start (``slice_probes.py finish --start-variant "spe
 trains on the bank's images and their mirrors with the config's retrain settings (Adam 1e-3 cosine,
 batch 32, channels_last; farm.distill's own loop ``_fit``), prints R² to the teacher on the held-out
 bank images and raw R² on 190923's second half. The teacher's maps of the bank and its mirrors are
-computed once per neuron (float16) and cached under farm_runs/probes/.
+computed once (float16; ``--maps-for``: other neurons' in the same pass, ``--maps-only``: then stop) and
+cached under farm_runs/probes/ (1,075 s on 2 threads for 46,800 images).
 """
 
 import argparse
