@@ -143,6 +143,10 @@ class DistillConfig:
         with batch statistics while training); no gradient flows into them, so a step costs less (on CPU,
         112 px, 35-35-35-42-14: 8.4 ms per image end to end, 6.2 with layer 0 frozen, 4.5 with layers
         0-1). 0 = every layer trains (the paper's).
+    frozen_depthwise: the spatial (depthwise 5 x 5) kernels of layers 1 .. frozen_depthwise keep their
+        weights while their 1 x 1 mixing and BatchNorm train. Layer 1's depthwise kernels cost the most to
+        train (their gradient sweeps the full-resolution layer-0 maps): with layer 0 frozen, freezing them
+        too takes a step from 6.7 to 5.2 CPU-ms per image (112 px, 35-35-35-42-14). 0 = none.
     """
 
     batch_size: int = 64
@@ -170,6 +174,7 @@ class DistillConfig:
     average_tail: float = 0.0
     early_lr_scale: float = 1.0
     frozen_layers: int = 0
+    frozen_depthwise: int = 0
 
     def __post_init__(self):
         self.betas = tuple(float(b) for b in self.betas)
@@ -184,6 +189,9 @@ class DistillConfig:
         if not (isinstance(self.frozen_layers, int) and 0 <= self.frozen_layers <= 4):
             raise ValueError(f"DistillConfig.frozen_layers must be an integer in 0..4 (layers 0 .. n-1 keep their "
                              f"weights), got {self.frozen_layers!r}")
+        if not (isinstance(self.frozen_depthwise, int) and 0 <= self.frozen_depthwise <= 4):
+            raise ValueError(f"DistillConfig.frozen_depthwise must be an integer in 0..4 (the depthwise kernels of "
+                             f"layers 1 .. n keep their weights), got {self.frozen_depthwise!r}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"DistillConfig.lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
         if self.n_images is None and not self.passes > 0:
@@ -379,13 +387,16 @@ def distill(student: CompactModel, images: np.ndarray, targets: np.ndarray | Non
 
 def _lr_scales(model: CompactModel, config: DistillConfig) -> dict | None:
     """{parameter: factor} (``_fit``'s ``lr_scales``): layers 0-2 at ``early_lr_scale``, the first
-    ``frozen_layers`` layers at 0; None when every parameter trains at the run's rate."""
+    ``frozen_layers`` layers and the depthwise kernels of layers 1 .. ``frozen_depthwise`` at 0; None when
+    every parameter trains at the run's rate."""
     scales = {}
     for name, p in model.named_parameters():
         layer = name.split("_")[0]
         if layer in ("layer0", "layer1", "layer2") and config.early_lr_scale != 1.0:
             scales[p] = config.early_lr_scale
         if layer.startswith("layer") and int(layer[5:]) < config.frozen_layers:
+            scales[p] = 0.0
+        if name.split(".")[0].endswith("_depth") and int(layer[5:]) <= config.frozen_depthwise:
             scales[p] = 0.0
     return scales or None
 
@@ -614,9 +625,9 @@ def distill_many(students: list[CompactModel], images: np.ndarray, targets: np.n
     if config.mirrors:
         raise ValueError("distill_many: DistillConfig.mirrors is not implemented for packed neurons; "
                          "train them one by one (farm.pack: 1)")
-    if config.early_lr_scale != 1.0 or config.frozen_layers:
-        raise ValueError("distill_many: DistillConfig.early_lr_scale / frozen_layers are not implemented for "
-                         "packed neurons; train them one by one (farm.pack: 1)")
+    if config.early_lr_scale != 1.0 or config.frozen_layers or config.frozen_depthwise:
+        raise ValueError("distill_many: DistillConfig.early_lr_scale / frozen_layers / frozen_depthwise are not "
+                         "implemented for packed neurons; train them one by one (farm.pack: 1)")
     if threads is not None:
         torch.set_num_threads(int(threads))
     students = list(students)

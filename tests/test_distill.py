@@ -473,5 +473,30 @@ def test_frozen_layers_keep_their_weights_and_the_rest_trains_as_before(neurons,
         assert after[2][n].requires_grad  # handed back trainable
     with pytest.raises(ValueError, match="frozen_layers must be an integer in 0..4"):
         DistillConfig(frozen_layers=5)
-    with pytest.raises(ValueError, match="frozen_layers are not implemented for packed"):
+    with pytest.raises(ValueError, match="not implemented for packed"):
         distill_many([tiny_student()], images, targets[:, None], DistillConfig(frozen_layers=1, **base))
+
+
+def test_frozen_depthwise_keeps_only_the_spatial_kernels(neurons, bank_images):
+    """``frozen_depthwise=2``: the depthwise kernels of layers 1-2 keep their start weights; their 1 x 1
+    mixing and BatchNorm and every other layer still train; handed back trainable."""
+    from farm.distill import distill_many
+
+    images = bank_images[:64]
+    targets = CompactTeacher([neurons[1]]).predict(images)[:, 0]
+    base = dict(n_images=32, batch_size=32, lr=1e-3, smooth_sigma=0.0, seed=3, bn_recalibrate_images=0)
+    start = {n: p.detach().clone() for n, p in tiny_student().named_parameters()}
+    after = dict(distill(tiny_student(), images, targets, DistillConfig(frozen_depthwise=2, **base))
+                 .model.named_parameters())
+    frozen = {"layer1_depth.weight", "layer2_depth.weight"}
+    assert frozen < set(start)
+    for n in start:
+        if n in frozen:
+            torch.testing.assert_close(after[n], start[n], rtol=0, atol=0, msg=n)
+        else:
+            assert not torch.equal(after[n], start[n]), n  # everything else trained
+        assert after[n].requires_grad
+    with pytest.raises(ValueError, match="frozen_depthwise must be an integer in 0..4"):
+        DistillConfig(frozen_depthwise=-1)
+    with pytest.raises(ValueError, match="not implemented for packed"):
+        distill_many([tiny_student()], images, targets[:, None], DistillConfig(frozen_depthwise=1, **base))
