@@ -38,8 +38,9 @@ class NeuronInputs:
         "shared" recipe's stage 1): each neuron starts from its slice instead of a fresh student.
     teacher_real: optional {neuron id: {"teacher_r2_er" or "teacher_r2_raw": value}}, the teacher's
         score on the same recorded images as the compact model's, logged next to it.
-    shared_features: optional {"path", "flip", "n_images"}: the shared student's layer-2 activations of
-        bank_images in a file (``farm.shared_features``), memory-mapped by each specialization.
+    shared_features: optional {"path", "flip", "n_images", "maps"}: the shared student's layer-2
+        activations of bank_images in a file and ("maps", optional) {neuron id: file} its map of each
+        neuron on them (``farm.shared_features``), memory-mapped by each specialization.
     bank_mirror_targets: optional float32 (N, n_neurons): the teacher's responses to the left-right
         mirrors of bank_images (for trainings with ``DistillConfig.mirrors``).
     """
@@ -60,16 +61,34 @@ class NeuronInputs:
         """The teacher's responses to the bank's mirrors for neuron column ``col``, or None."""
         return None if self.bank_mirror_targets is None else self.bank_mirror_targets[:, col]
 
-    def early_features(self, specialize):
-        """The memory-mapped layer-2 activations for a specialization with ``specialize`` (a
-        SpecializeConfig), or None when there are none for it (then it computes its own)."""
+    def _features_for(self, specialize) -> dict | None:
         f = self.shared_features
         if not f or specialize is None or bool(specialize.flip) != bool(f["flip"]) \
                 or int(f["n_images"]) != len(self.bank_images):
             return None
+        return f
+
+    def early_features(self, specialize):
+        """The memory-mapped layer-2 activations for a specialization with ``specialize`` (a
+        SpecializeConfig), or None when there are none for it (then it computes its own)."""
+        f = self._features_for(specialize)
+        if f is None:
+            return None
         from farm.shared_features import load_early_features
 
         return load_early_features(f["path"], len(self.bank_images), bool(f["flip"]), self.shared_start)
+
+    def shared_map(self, specialize, neuron_id: str):
+        """The shared student's memory-mapped map of ``neuron_id`` on the bank (and its mirrors) for a
+        specialization with ``specialize``, or None when there is none (then it computes its own)."""
+        f = self._features_for(specialize)
+        path = ((f or {}).get("maps") or {}).get(neuron_id)
+        if path is None:
+            return None
+        from farm.shared_features import load_neuron_map
+
+        n = len(self.bank_images) * (2 if f["flip"] else 1)
+        return load_neuron_map(path, n, self.shared_start)
 
 
 def neuron_params(neuron_id: str, compress_cfg: "dict | CompressConfig", seed: int) -> dict:
@@ -226,7 +245,8 @@ def compress_group_and_log(neuron_ids: Sequence[str], inputs: NeuronInputs, comp
                 cpu0, wall0 = time.process_time(), time.perf_counter()
                 start = neuron_start(inputs.shared_start, n, inputs.bank_images, cfg.specialize,
                                      targets=inputs.bank_targets[:, col], early=early,
-                                     mirror_targets=inputs.mirror_column(col))
+                                     mirror_targets=inputs.mirror_column(col),
+                                     shared_map=inputs.shared_map(cfg.specialize, n))
                 start_s = time.perf_counter() - wall0
                 release_freed_memory()  # the specialization's activations: the peak of the task
                 result = compress_neuron(

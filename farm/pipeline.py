@@ -427,32 +427,56 @@ def prepare_shared_start(cfg: JobConfig, inputs: NeuronInputs, source_id: str):
 
 def prepare_shared_features(cfg: JobConfig, inputs: NeuronInputs):
     """With a shared student and ``compress.specialize``: its layer-2 activations of the bank images
-    (and their mirrors with ``specialize.flip``), the same for every neuron's specialization, computed
+    (and their mirrors with ``specialize.flip``), the same for every neuron's specialization, and its
+    map of each neuron the job (and its sweep) selects on them (layers 3-4 once for all), computed
     once and cached under ``out_dir/shared_features`` keyed by their content (``farm.shared_features``).
-    Returns ({"path", "flip", "n_images"}, info) for the neuron tasks, or (None, {})."""
+    Returns ({"path", "flip", "n_images", "maps"}, info) for the neuron tasks, or (None, {})."""
     from farm.compress import CompressConfig
     from farm.files import write_text_atomic
-    from farm.shared_features import early_key, save_early_features
+    from farm.shared_features import early_key, load_early_features, maps_key, save_early_features, save_neuron_maps
 
     ccfg = CompressConfig.from_dict(cfg.compress)
-    if inputs.shared_start is None or ccfg.specialize is None:
+    shared = inputs.shared_start
+    if shared is None or ccfg.specialize is None:
         return None, {}
     flip = bool(ccfg.specialize.flip)
-    d = Path(cfg.out_dir).resolve() / "shared_features" / early_key(inputs.shared_start, inputs.bank_images, flip)
+    key = early_key(shared, inputs.bank_images, flip)
+    d = Path(cfg.out_dir).resolve() / "shared_features" / key
     ref = {"path": str(d / "early.npy"), "flip": flip, "n_images": len(inputs.bank_images)}
-    if (d / "early.json").is_file() and (d / "early.npy").is_file():
-        return ref, json.loads((d / "early.json").read_text())
     threads = max(1, int(cfg.farm.local_num_cpus or os.cpu_count() or 1))
-    torch_threads = _set_threads(threads)
-    n = len(inputs.bank_images) * (2 if flip else 1)
-    print(f"shared student's layer-2 activations of {n:,} bank images{' and mirrors' if flip else ''}, once for "
-          f"all neurons ({threads} threads) ...", flush=True)
-    try:
-        info = save_early_features(inputs.shared_start, inputs.bank_images, d / "early.npy", flip=flip)
-    finally:
-        _set_threads(torch_threads)
-    write_text_atomic(d / "early.json", json.dumps(info, indent=1))  # the marker last
-    print(f"layer-2 activations: {info['seconds']:.0f} s, {d / 'early.npy'}", flush=True)
+    if (d / "early.json").is_file() and (d / "early.npy").is_file():
+        info = json.loads((d / "early.json").read_text())
+    else:
+        n = len(inputs.bank_images) * (2 if flip else 1)
+        print(f"shared student's layer-2 activations of {n:,} bank images{' and mirrors' if flip else ''}, once "
+              f"for all neurons ({threads} threads) ...", flush=True)
+        torch_threads = _set_threads(threads)
+        try:
+            info = save_early_features(shared, inputs.bank_images, d / "early.npy", flip=flip)
+        finally:
+            _set_threads(torch_threads)
+        write_text_atomic(d / "early.json", json.dumps(info, indent=1))  # the marker last
+        print(f"layer-2 activations: {info['seconds']:.0f} s, {d / 'early.npy'}", flush=True)
+    if shared.spec.readout != "factorized":
+        return ref, info
+    md = d / "maps" / maps_key(shared, key)
+    wanted = set()  # the job's neurons and its sweep's: not the teacher's others
+    for sel in (cfg.neurons, cfg.sweep.neurons):
+        if sel:
+            wanted.update(parse_neuron_selection(sel, inputs.neuron_ids))
+    ref["maps"] = {nid: str(md / (nid.replace(":", "_").replace("/", "_") + ".npy"))
+                   for nid in inputs.neuron_ids if nid in wanted and nid in shared.spec.neuron_ids}
+    todo = [nid for nid, p in ref["maps"].items() if not Path(p).is_file()]
+    if todo:
+        print(f"shared student's maps of {len(todo)} neurons on them, once for all ...", flush=True)
+        torch_threads = _set_threads(threads)
+        try:
+            early = load_early_features(d / "early.npy", len(inputs.bank_images), flip, shared)
+            maps = save_neuron_maps(shared, early, todo, [ref["maps"][nid] for nid in todo])
+        finally:
+            _set_threads(torch_threads)
+        print(f"neuron maps: {maps['seconds']:.0f} s, {md}", flush=True)
+        info = {**info, "maps": maps, "cpu_seconds": info["cpu_seconds"] + maps["cpu_seconds"]}
     return ref, info
 
 
@@ -622,7 +646,7 @@ def _shared_metrics(prepared: PreparedJob) -> dict:
     if "cpu_seconds" in info:
         out["shared_cpu_seconds"] = info["cpu_seconds"]
         out["shared_cpu_seconds_per_neuron"] = info["cpu_seconds"] / max(1, len(info.get("neuron_ids") or [1]))
-    if "early_features" in info:  # their cost, once for all neurons (a cached copy costs no more)
+    if "early_features" in info:  # their cost (and the maps'), once for all neurons (a cached copy costs no more)
         out["shared_features_cpu_seconds"] = info["early_features"]["cpu_seconds"]
     if info.get("r2_teacher_heldout"):
         out["shared_median_r2_teacher_heldout"] = float(np.median(info["r2_teacher_heldout"]))

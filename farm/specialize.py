@@ -88,15 +88,17 @@ class SpecializeConfig:
 
 def neuron_start(shared: CompactModel, neuron_id: str, images: np.ndarray,
                  config: "SpecializeConfig | None" = None, targets: np.ndarray | None = None,
-                 early: torch.Tensor | None = None, mirror_targets: np.ndarray | None = None) -> CompactModel:
+                 early: torch.Tensor | None = None, mirror_targets: np.ndarray | None = None,
+                 shared_map: torch.Tensor | None = None) -> CompactModel:
     """A neuron's start from a shared student: its exact slice, or with ``config`` its specialized
     model (``specialize``; ``targets``: the teacher's responses to ``images``, for ``tune_passes``;
-    ``mirror_targets``: its responses to their mirrors, for ``tune_mirrors``; ``early``: the shared
-    student's layer-2 activations of ``images``, computed once for all neurons, ``farm.shared_features``)."""
+    ``mirror_targets``: its responses to their mirrors, for ``tune_mirrors``; ``early`` and
+    ``shared_map``: the shared student's layer-2 activations of ``images`` and its map of this neuron,
+    computed once for all neurons, ``farm.shared_features``)."""
     if config is None:
         return output_slice(shared, neuron_id)
     return specialize(shared, neuron_id, images, config, targets=targets, early=early,
-                      mirror_targets=mirror_targets)[0]
+                      mirror_targets=mirror_targets, target_map=shared_map)[0]
 
 
 @torch.no_grad()
@@ -133,19 +135,27 @@ def _early(shared: CompactModel, images: np.ndarray, batch_size: int = 128, flip
 
 
 @torch.no_grad()
-def _late_map(model: CompactModel, index: int, a2: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """``neuron_map`` from layer-2 activations ``a2`` already computed (layers 3-4 and the mixing only).
-    Written into one tensor made up front: joining a list of per-batch maps at the end, with
+def _late_maps(model: CompactModel, indices: list[int], a2: torch.Tensor, outs: list[torch.Tensor],
+               batch_size: int = 256) -> None:
+    """``neuron_map`` of outputs ``indices`` from layer-2 activations ``a2`` already computed (layers
+    3-4 once per batch, then each output's mixing), written into ``outs`` (one (len(a2), R, R)
+    float32 tensor per output, made up front: joining a list of per-batch maps at the end, with
     ``farm.task_env.keep_freed_memory`` (a farm task's allocator), grew the heap by 14 GB in 2 of 4
-    runs over the 46,800 maps of configs/v4_190923_k35.yaml; this way by at most 0.9 GB in 8 of 8
-    (``benchmarks/late_map_heap.py``; benchmarks/README.md "The 35-filter start over all 33 neurons")."""
+    runs over the 46,800 maps of configs/v4_190923_k35.yaml; this way by at most 0.9 GB in 8 of 8:
+    ``benchmarks/late_map_heap.py``; benchmarks/README.md "The 35-filter start over all 33 neurons")."""
     model.eval()
-    w, b = model.mixing.weight[index:index + 1], model.mixing.bias[index:index + 1]
-    dev = w.device
-    out = torch.empty((len(a2), *a2.shape[2:]), dtype=torch.float32)
+    dev = model.mixing.weight.device
+    heads = [(model.mixing.weight[i:i + 1], model.mixing.bias[i:i + 1]) for i in indices]
     for s in range(0, len(a2), batch_size):
         a4 = model.layer_act(4, model.layer_act(3, a2[s:s + batch_size].to(dev)))
-        out[s:s + len(a4)] = torch.nn.functional.conv2d(a4, w, b)[:, 0].float().cpu()
+        for (w, b), out in zip(heads, outs):  # one output at a time: each map as _late_map computes it alone
+            out[s:s + len(a4)] = torch.nn.functional.conv2d(a4, w, b)[:, 0].float().cpu()
+
+
+def _late_map(model: CompactModel, index: int, a2: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """``neuron_map`` of output ``index`` from layer-2 activations ``a2`` (layers 3-4 and the mixing only)."""
+    out = torch.empty((len(a2), *a2.shape[2:]), dtype=torch.float32)
+    _late_maps(model, [index], a2, [out], batch_size)
     return out
 
 
@@ -166,10 +176,12 @@ def specialize(shared: CompactModel, neuron_id: str, images: np.ndarray,
     """The neuron's compact model (``config.readout``: dense or factorized) with its own narrow layers
     3-4 (see the module docstring).
     ``target``: another factorized model with this output (e.g. a shared-compact TEACHER) whose map
-    and spatial readout are fitted instead of ``shared``'s own (``target_map``: its precomputed map
-    on ``images``). ``targets``: the teacher's responses (N,) to ``images``, needed with
-    ``config.tune_passes``; ``mirror_targets``: its responses (N,) to their left-right mirrors, needed
-    with ``config.tune_mirrors``. ``early``: ``shared``'s layer-2 activations of ``images`` (then of their
+    and spatial readout are fitted instead of ``shared``'s own. ``target_map``: the fitted model's
+    (``target``'s, else ``shared``'s) map precomputed, (N, R, R) on ``images`` (with ``config.flip``
+    the mirrors' is added here) or (2N, R, R) on the images then their mirrors (``farm.shared_features``
+    computes ``shared``'s once for all neurons); default: computed here. ``targets``: the teacher's
+    responses (N,) to ``images``, needed with ``config.tune_passes``; ``mirror_targets``: its
+    responses (N,) to their left-right mirrors, needed with ``config.tune_mirrors``. ``early``: ``shared``'s layer-2 activations of ``images`` (then of their
     mirrors with ``config.flip``), (N or 2N, K2, R, R), computed once for all neurons
     (``farm.shared_features``); default: computed here. Returns (model in eval mode on CPU, info: seconds, map_r2 = weighted R²
     of the fitted map, wall seconds of its parts: early_s, target_map_s, map_fit_s, tune_s)."""
@@ -206,8 +218,10 @@ def specialize(shared: CompactModel, neuron_id: str, images: np.ndarray,
     copy_early_(model, shared)
     src = target.state_dict()
     images = np.asarray(images)
-    if config.flip and target_map is not None:  # the model is not mirror-symmetric: its map of the mirrors
-        target_map = torch.cat([target_map.float(), neuron_map(target, index, images[:, :, ::-1])])
+    if config.flip and target_map is not None and len(target_map) == n_images:
+        # the model is not mirror-symmetric: its map of the mirrors
+        mirrored = np.ascontiguousarray(images[:, :, ::-1])
+        target_map = torch.cat([target_map.float(), neuron_map(target, index, mirrored)])
     if early is None:
         a2 = _early(shared, images, flip=config.flip)  # (2N with the mirrors, K2, R, R)
     else:
@@ -222,9 +236,9 @@ def specialize(shared: CompactModel, neuron_id: str, images: np.ndarray,
                       else neuron_map(target, index, images, flip=config.flip))
     t_map = time.perf_counter()
     target_map = target_map.float()
-    if target_map.shape[1:] != shared.spatial.shape[1:]:
-        raise ValueError(f"specialize: target map {tuple(target_map.shape[1:])} != shared model's "
-                         f"{tuple(shared.spatial.shape[1:])}")
+    if tuple(target_map.shape) != (len(a2), *shared.spatial.shape[1:]):
+        raise ValueError(f"specialize: target map {tuple(target_map.shape)} != {(len(a2), *shared.spatial.shape[1:])} "
+                         f"(one {tuple(shared.spatial.shape[1:])} map per image{' and mirror' if config.flip else ''})")
     weight = (target.spatial[index].detach().float().cpu() ** 2)
     weight = weight / weight.sum()
     mu, sd = target_map.mean(), target_map.std().clamp_min(1e-8)

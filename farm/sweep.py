@@ -73,7 +73,8 @@ def distill_cached(neuron_id: str, inputs: NeuronInputs, compress_cfg: dict, see
 
         model = neuron_start(inputs.shared_start, neuron_id, inputs.bank_images, cfg.specialize,
                              targets=inputs.bank_targets[:, col], early=inputs.early_features(cfg.specialize),
-                             mirror_targets=inputs.mirror_column(col))
+                             mirror_targets=inputs.mirror_column(col),
+                             shared_map=inputs.shared_map(cfg.specialize, neuron_id))
     else:
         model = distill_neuron(neuron_id, inputs.bank_images, inputs.bank_targets[:, col], cfg,
                                device=resolve_device(device), threads=task_threads(),

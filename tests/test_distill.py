@@ -500,3 +500,19 @@ def test_frozen_depthwise_keeps_only_the_spatial_kernels(neurons, bank_images):
         DistillConfig(frozen_depthwise=-1)
     with pytest.raises(ValueError, match="not implemented for packed"):
         distill_many([tiny_student()], images, targets[:, None], DistillConfig(frozen_depthwise=1, **base))
+
+
+def test_held_out_scoring_leaves_the_trained_model_unchanged(neurons, bank_images):
+    """How often the held-out images are scored (each time with BatchNorm recalibrated) changes the
+    learning curve's resolution only: scored every 2 steps or at the last step alone, the trained
+    model is the same to the bit (so a config may score rarely to save CPU)."""
+    images = bank_images[:160]
+    targets = CompactTeacher([neurons[2]]).predict(bank_images[:220])[:, 0]
+    base = dict(n_images=6 * 32, batch_size=32, lr=1e-3, seed=5, bn_recalibrate_images=64, log_every_steps=3)
+    runs = [distill(tiny_student(), images, targets[:160], DistillConfig(eval_every_images=every, **base),
+                    eval_images=bank_images[160:220], eval_targets=targets[160:])
+            for every in (2 * 32, 10 ** 6)]
+    assert [len([h for h in r.history if "eval_r2" in h]) for r in runs] == [3, 1]
+    (a, b) = (r.model.state_dict() for r in runs)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert runs[0].history[-1]["eval_r2"] == runs[1].history[-1]["eval_r2"]

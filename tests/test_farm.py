@@ -849,6 +849,10 @@ def test_the_v4_190923_config_compresses_real_neurons(tiny_base, local_ray, tmp_
     # once for both neurons, in one file, their cost on the job run
     feats = list((tmp_path / "out" / "shared_features").glob("*/early.json"))
     assert len(feats) == 1 and json.loads(feats[0].read_text())["shape"] == [600, 28, 28, 35]
+    # and its map of each neuron on them (layers 3-4 once for both), one file per neuron
+    maps = sorted((tmp_path / "out" / "shared_features").glob("*/maps/*/*.npy"))
+    assert [p.name for p in maps] == ["190923_0.npy", "190923_1.npy"]
+    assert all(np.load(p, mmap_mode="r").shape == (600, 28, 28) for p in maps)
     assert tracker.client.get_run(result.parent_run_id).data.metrics["shared_features_cpu_seconds"] > 0
 
 

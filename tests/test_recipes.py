@@ -1,6 +1,8 @@
 """Recipes (farm.recipes), standardized targets, the shared student (farm.shared_start) and its
 slices as per-neuron starts, on the simulated population."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -295,6 +297,53 @@ def test_early_features_computed_once_in_a_file_give_the_same_specialization(sim
     key = early_key(shared6, x, True)
     assert key == early_key(shared6, x.copy(), True) != early_key(shared6, x, False)
     assert key != early_key(shared6, x[::-1].copy(), True)
+
+
+def test_neuron_maps_computed_once_for_all_neurons_give_the_same_specialization(sim, shared6, tmp_path):
+    """farm.shared_features.save_neuron_maps: the shared student's map of each neuron, layers 3-4 run
+    once for all of them, is to the bit the map a specialization computes for its neuron alone, and a
+    specialization from the memory-mapped file is the same model; a file of the wrong shape is
+    refused by name, and the cache key follows layers 3-4 and the activations."""
+    from farm.shared_features import early_key, load_neuron_map, maps_key, save_neuron_maps
+    from farm.specialize import SpecializeConfig, _early, _late_map, specialize
+
+    x = sim["x"][:300]
+    a2 = _early(shared6, x, flip=True)
+    ids = [sim["ids"][2], sim["ids"][0]]
+    paths = [tmp_path / "maps" / "a.npy", tmp_path / "maps" / "b.npy"]
+    info = save_neuron_maps(shared6, a2, ids, paths, batch_size=64)  # batches that do not divide 600
+    r = shared6.spatial.shape[-1]
+    assert info["shape"] == [600, r, r] and info["n_neurons"] == 2
+    assert sorted(p.name for p in paths[0].parent.iterdir()) == ["a.npy", "b.npy"]  # no temp files left
+    for nid, path in zip(ids, paths):
+        own = _late_map(shared6, shared6.spec.neuron_ids.index(nid), a2, batch_size=64)
+        assert torch.equal(load_neuron_map(path, 600, shared6), own)
+    assert not torch.equal(load_neuron_map(paths[0], 600, shared6), load_neuron_map(paths[1], 600, shared6))
+    cfg = SpecializeConfig(late_filters=(6, 3), passes=1, flip=True, readout="factorized", tune_passes=1)
+    a, _ = specialize(shared6, ids[0], x, cfg, targets=sim["y"][:300, 2], early=a2)
+    b, binfo = specialize(shared6, ids[0], x, cfg, targets=sim["y"][:300, 2], early=a2,
+                          target_map=load_neuron_map(paths[0], 600, shared6))
+    assert all(torch.equal(u, v) for u, v in zip(a.state_dict().values(), b.state_dict().values()))
+    # the images' maps alone: the mirrors' are computed here (from the images), the same model again
+    c, _ = specialize(shared6, ids[0], x, cfg, targets=sim["y"][:300, 2], early=a2,
+                      target_map=load_neuron_map(paths[0], 600, shared6)[:300])
+    assert np.allclose(predict(a, sim["hx"]), predict(c, sim["hx"]), atol=1e-5)
+    with pytest.raises(ValueError, match=r"target map \(600, .*\) != \(300,"):  # maps of other images
+        specialize(shared6, ids[0], x[:150], cfg, targets=sim["y"][:150, 2], early=a2[:300],
+                   target_map=load_neuron_map(paths[0], 600, shared6))
+    with pytest.raises(ValueError, match=rf"a\.npy: a neuron map of shape \(600, {r}, {r}\)"):
+        load_neuron_map(paths[0], 300, shared6)
+    with pytest.raises(ValueError, match="not a readable"):
+        load_neuron_map(tmp_path / "missing.npy", 600, shared6)
+    with pytest.raises(ValueError, match="outputs"):
+        save_neuron_maps(shared6, a2, ["nope:0"], [tmp_path / "c.npy"])
+    assert not (tmp_path / "c.npy").exists()
+    key = early_key(shared6, x, True)
+    other = copy.deepcopy(shared6)
+    with torch.no_grad():
+        other.layer3_bn.weight.mul_(2)
+    assert maps_key(shared6, key) == maps_key(copy.deepcopy(shared6), key) != maps_key(other, key)
+    assert maps_key(shared6, key) != maps_key(shared6, early_key(shared6, x, False))
 
 
 def test_specialize_keeps_the_factorized_readout_and_tunes_to_the_teachers_responses(sim, shared6):
