@@ -646,7 +646,7 @@ def _shared_metrics(prepared: PreparedJob) -> dict:
     if "cpu_seconds" in info:
         out["shared_cpu_seconds"] = info["cpu_seconds"]
         out["shared_cpu_seconds_per_neuron"] = info["cpu_seconds"] / max(1, len(info.get("neuron_ids") or [1]))
-    if "early_features" in info:  # their cost (and the maps'), once for all neurons (a cached copy costs no more)
+    if "early_features" in info:  # their cost and the maps', once for all neurons (a cached copy costs no more)
         out["shared_features_cpu_seconds"] = info["early_features"]["cpu_seconds"]
     if info.get("r2_teacher_heldout"):
         out["shared_median_r2_teacher_heldout"] = float(np.median(info["r2_teacher_heldout"]))

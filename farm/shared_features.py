@@ -46,12 +46,17 @@ def early_key(shared: CompactModel, images: np.ndarray, flip: bool) -> str:
     h.update(json.dumps({"format": FORMAT, "version": VERSION, "filters": list(shared.spec.filters[:3]),
                          "image_size": shared.spec.image_size, "flip": bool(flip),
                          "shape": list(images.shape), "dtype": str(images.dtype)}, sort_keys=True).encode())
-    for name, t in shared.state_dict().items():
-        if name.startswith(("layer0", "layer1", "layer2")):
-            h.update(name.encode())
-            h.update(t.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
+    _hash_weights(h, shared, ("layer0", "layer1", "layer2"))
     h.update(np.ascontiguousarray(images).data)
     return h.hexdigest()
+
+
+def _hash_weights(h, model: CompactModel, prefixes: tuple[str, ...]) -> None:
+    """Feed ``h`` the names and float64 bytes of ``model``'s tensors whose names start with ``prefixes``."""
+    for name, t in model.state_dict().items():
+        if name.startswith(prefixes):
+            h.update(name.encode())
+            h.update(t.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
 
 
 def _shape(shared: CompactModel, n_images: int, flip: bool) -> tuple[int, int, int, int]:
@@ -103,10 +108,7 @@ def maps_key(shared: CompactModel, early: str) -> str:
     h = hashlib.blake2b(digest_size=10)
     h.update(json.dumps({"format": MAPS_FORMAT, "version": VERSION, "early": early,
                          "filters": list(shared.spec.filters[3:])}, sort_keys=True).encode())
-    for name, t in shared.state_dict().items():
-        if name.startswith(("layer3", "layer4", "mixing")):
-            h.update(name.encode())
-            h.update(t.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
+    _hash_weights(h, shared, ("layer3", "layer4", "mixing"))
     return h.hexdigest()
 
 
@@ -114,7 +116,8 @@ def save_neuron_maps(shared: CompactModel, early: torch.Tensor, neuron_ids: list
                      paths: list[str | Path], batch_size: int = 256) -> dict:
     """Write the shared student's map of each of ``neuron_ids`` (``farm.specialize.neuron_map``, from
     the layer-2 activations ``early``, (M, K2, R, R)) to its path in ``paths`` (.npy, float32 (M, R,
-    R)): layers 3-4 run once per batch for all of them. Atomic per file: each appears complete or not at all.
+    R)): layers 3-4 run once per batch for all of them. Atomic per file: each appears complete or
+    not at all.
     Returns {seconds, cpu_seconds, shape, n_neurons}."""
     import contextlib
 
