@@ -24,7 +24,7 @@ from farm.files import exclusive, write_text_atomic
 from farm.config import JobConfig, load_job_config, read_yaml, resolve_config_path
 from farm.fanout import JobResult, init_job_ray, run_neurons, stop_ray
 from farm.neuron_runs import NeuronInputs
-from farm.selection import neuron_sort_key, parse_neuron_selection
+from farm.selection import neuron_slug, neuron_sort_key, parse_neuron_selection
 from farm.task_env import release_freed_memory
 from farm.teacher_sources import PUBLISHED_KINDS, published_teacher
 from farm.tracking import Tracker, ui_command, ui_url
@@ -464,7 +464,7 @@ def prepare_shared_features(cfg: JobConfig, inputs: NeuronInputs):
     for sel in (cfg.neurons, cfg.sweep.neurons):
         if sel:
             wanted.update(parse_neuron_selection(sel, inputs.neuron_ids))
-    ref["maps"] = {nid: str(md / (nid.replace(":", "_").replace("/", "_") + ".npy"))
+    ref["maps"] = {nid: str(md / (neuron_slug(nid) + ".npy"))
                    for nid in inputs.neuron_ids if nid in wanted and nid in shared.spec.neuron_ids}
     todo = [nid for nid, p in ref["maps"].items() if not Path(p).is_file()]
     if todo:

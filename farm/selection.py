@@ -80,3 +80,8 @@ def parse_neuron_selection(selection: str | Sequence[str], available: Sequence[s
                                      f"neurons ({len(by_session[session])} in session {session})")
                 chosen.add(nid)
     return [n for n in avail if n in chosen]
+
+
+def neuron_slug(neuron_id: str) -> str:
+    """A neuron id as a file or folder name ("190923:3" -> "190923_3")."""
+    return neuron_id.replace(":", "_").replace("/", "_")

@@ -24,6 +24,7 @@ import numpy as np
 from farm.fanout import task_memory
 from farm.neuron_runs import NeuronInputs, log_result, result_metrics
 from farm.task_env import init_task, resolve_device, task_threads
+from farm.selection import neuron_slug
 from farm.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -49,10 +50,6 @@ def choose_model(params: Sequence[float], r2: Sequence[float], r2_distilled: flo
     return int(ok[np.lexsort((-r[ok], p[ok]))[0]])
 
 
-def _slug(neuron_id: str) -> str:
-    return neuron_id.replace(":", "_").replace("/", "_")
-
-
 def distill_cached(neuron_id: str, inputs: NeuronInputs, compress_cfg: dict, seed: int, cache_dir: str,
                    device: str = "auto") -> dict:
     """Distill one neuron unless its model is already cached in ``cache_dir``; returns its summary."""
@@ -61,7 +58,7 @@ def distill_cached(neuron_id: str, inputs: NeuronInputs, compress_cfg: dict, see
     from farm.models.compact import load_compact, save_compact
 
     init_task()
-    d = Path(cache_dir) / _slug(neuron_id)
+    d = Path(cache_dir) / neuron_slug(neuron_id)
     info_path = d / "distilled.json"
     if info_path.is_file():
         return json.loads(info_path.read_text())
@@ -106,7 +103,7 @@ def _trial(config: dict, inputs: NeuronInputs, compress_cfg: dict, seed: int, ca
     col = list(inputs.neuron_ids).index(nid)
     base = CompressConfig.from_dict(compress_cfg)
     cfg = CompressConfig.for_seed(base, seed, prune=dataclasses.replace(base.prune, tau=tau, criterion=criterion))
-    distilled = load_compact(Path(cache_dir) / _slug(nid))
+    distilled = load_compact(Path(cache_dir) / neuron_slug(nid))
     result = prune_and_retrain(distilled, nid, inputs.bank_images, inputs.bank_targets[:, col],
                                inputs.heldout_images, inputs.heldout_targets[:, col], cfg,
                                device=resolve_device(device), threads=task_threads(),
@@ -264,7 +261,7 @@ def run_sweep(neurons: Sequence[str], inputs: NeuronInputs, compress_cfg: dict, 
             fig = plots.pareto_figure(p, r, res.front, res.chosen,
                                       labels=[f"{t['criterion'][:3]} {t['tau']:.2f}" for t in trials],
                                       title=f"{nid}: distilled R² {res.r2_teacher_distilled:.3f}")
-            tracker.log_figure(parent_run_id, fig, f"sweep/pareto_{_slug(nid)}.png")
+            tracker.log_figure(parent_run_id, fig, f"sweep/pareto_{neuron_slug(nid)}.png")
             import matplotlib.pyplot as plt
 
             plt.close(fig)
