@@ -4,7 +4,7 @@ the test images are whole images. Prints each compact model's R² to the teacher
 model) and the teacher's SD on: the job's held-out bank views, 1,000 unaugmented training-session
 images, 190923's second half.
 
-    python benchmarks/bank_shift.py <job id> [<job id> ...]   # jobs of configs/v4_190923.yaml (the retrain recipe)
+    python benchmarks/bank_shift.py <job id> [<job id> ...]   # jobs of configs/v4_190923_k35_retrain.yaml
     python benchmarks/bank_shift.py --config configs/v4_190923_k35.yaml <job id>
 """
 
@@ -32,7 +32,7 @@ def main(argv=None) -> None:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("job_ids", nargs="+", help="finished compress jobs whose models to read")
-    p.add_argument("--config", default="configs/v4_190923.yaml")
+    p.add_argument("--config", default="configs/v4_190923_k35_retrain.yaml")
     p.add_argument("--n-source", type=int, default=1000, help="unaugmented training-session images to score")
     a = p.parse_args(argv)
     torch.set_num_threads(1)  # (not farm.task_env.keep_freed_memory: the sessions' arrays go back to the OS)
