@@ -1,8 +1,8 @@
 """Does the teacher's feature MAP teach a neuron's retrain more per image than its scalar response?
 
-The teacher here (configs/v4_190923.yaml) is the paper's 200-filter shared compact model: neuron k's
-response is sum_xy s_k[x, y] * T_k[x, y] + b_k with T_k = m_k . a4 its 28 x 28 map. The retrain fits
-the scalar alone (1 number per image). This probe adds the map as a second target (784 numbers per
+The teacher here (configs/v4_190923_k35_retrain.yaml, whose retrain settings the probe copies) is the
+paper's 200-filter shared compact model: neuron k's response is sum_xy s_k[x, y] * T_k[x, y] + b_k
+with T_k = m_k . a4 its 28 x 28 map. The retrain fits the scalar alone (1 number per image). This probe adds the map as a second target (784 numbers per
 image, as in hint / feature-map distillation): loss = MSE(z-scored response) + lam x sum_xy w_xy
 (a * M[x, y] + c - zT[x, y])^2, with M the student's own map (its mixing of its layer-4 maps), zT the
 teacher's map z-scored over the bank, w = s_k^2 / sum s_k^2 the pixels the teacher reads, and (a, c)
@@ -86,7 +86,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     keep_freed_memory()
-    base = load_job_config("v4_190923", [f"compress.{o}" for o in a.start_variant.split()])
+    base = load_job_config("v4_190923_k35_retrain", [f"compress.{o}" for o in a.start_variant.split()])
     inp = prepare_job(base).inputs
     col = inp.neuron_ids.index(a.neuron)
     tag = a.neuron.replace(":", "_")

@@ -1,4 +1,4 @@
-"""Changes made AFTER training, scored on 190923's second half (configs/v4_190923.yaml's cached stages):
+"""Changes made AFTER training, scored on 190923's second half (configs/v4_190923_k35_retrain.yaml's cached stages):
 
     python benchmarks/posthoc_probes.py smooth --run v4-190923-8aa7d77beb_prune.tau1.0 --neurons 30,18,3,10
         # finished probe models (farm_runs/probes/final_190923_<n>_<run>.pt, from slice_probes.py finish)
@@ -28,7 +28,7 @@ def main(argv=None):
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("probe", choices=["smooth", "shift"])
-    p.add_argument("--config", default="v4_190923")
+    p.add_argument("--config", default="v4_190923_k35_retrain")
     p.add_argument("--run", default="v4-190923-8aa7d77beb_prune.tau1.0",
                    help="smooth: the probe models' file suffix (start job id and variant)")
     p.add_argument("--neurons", default="30,18,3,10,9,32,17,4", help="smooth: 190923 neuron numbers")

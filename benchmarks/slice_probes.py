@@ -1,5 +1,5 @@
-"""Probes on one real neuron's start from a published shared compact model (configs/v4_190923.yaml's
-cached stages; R² to the teacher on its held-out bank images, raw R² on 190923's second half).
+"""Probes on one real neuron's start from a published shared compact model (by default
+configs/v4_190923_k35_retrain.yaml's cached stages; R² to the teacher on its held-out bank images, raw R² on 190923's second half).
 
     python benchmarks/slice_probes.py prune --criterion reconstruction          # tau 0.9, then 1 retrain pass
     python benchmarks/slice_probes.py prune --criterion ablation --delta 0.02
@@ -68,9 +68,10 @@ def main(argv=None):
     p.add_argument("--goal", type=float, default=0.40, help="headroom: the median raw R² to reach")
     p.add_argument("--k", type=int, default=10, help="early filters of the published shared model")
     p.add_argument("--neuron", default="190923:0")
-    p.add_argument("--config", default="v4_190923",
+    p.add_argument("--config", default="v4_190923_k35_retrain",
                    help="the job config whose cached stages and compress section the probes use "
-                        "(e.g. configs/v4_190923_k35.yaml)")
+                        "(default: the 2026-12-05 default, whose settings the dated commands in benchmarks/README.md "
+                        "ran with; e.g. configs/v4_190923_k35.yaml)")
     p.add_argument("--criterion", default="reconstruction")
     p.add_argument("--delta", type=float, default=0.01)
     p.add_argument("--late", default="32,8")
@@ -132,9 +133,9 @@ def main(argv=None):
 
 
 def finish(inp, neuron: str, variants: list[str], threads: int, start_variant: str = "",
-           config: str = "v4_190923", start_weight: float = 0.0, pre_variant: str = "",
+           config: str = "v4_190923_k35_retrain", start_weight: float = 0.0, pre_variant: str = "",
            mirror_bank: bool = False, gaudy_bank: float = 0.0) -> None:
-    """The farm task's own path for one neuron (``config``, default configs/v4_190923.yaml): its specialized start
+    """The farm task's own path for one neuron (``config``, default configs/v4_190923_k35_retrain.yaml): its specialized start
     (``neuron_start``, with the compress.* overrides ``start_variant``, from the shared model's layer-2
     activations of the bank computed once for all neurons as the farm job does; cached under
     farm_runs/probes/ by the job id they give), then ``compress_neuron`` from it under each variant of
