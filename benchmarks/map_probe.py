@@ -1,12 +1,13 @@
 """Does the teacher's feature MAP teach a neuron's retrain more per image than its scalar response?
 
 The teacher here (configs/v4_190923_k35_retrain.yaml, whose retrain settings the probe copies) is the
-paper's 200-filter shared compact model: neuron k's response is sum_xy s_k[x, y] * T_k[x, y] + b_k
-with T_k = m_k . a4 its 28 x 28 map. The retrain fits the scalar alone (1 number per image). This probe adds the map as a second target (784 numbers per
-image, as in hint / feature-map distillation): loss = MSE(z-scored response) + lam x sum_xy w_xy
-(a * M[x, y] + c - zT[x, y])^2, with M the student's own map (its mixing of its layer-4 maps), zT the
-teacher's map z-scored over the bank, w = s_k^2 / sum s_k^2 the pixels the teacher reads, and (a, c)
-two learned scalars (the student's map is in its own units). lam 0 is the plain retrain, same loop.
+paper's 200-filter shared compact model: neuron k's response is sum_xy s_k[x, y] * T_k[x, y] + b_k with
+T_k = m_k . a4 its 28 x 28 map. The retrain fits the scalar alone (1 number per image). This probe adds
+the map as a second target (784 numbers per image, as in hint / feature-map distillation): loss =
+MSE(z-scored response) + lam x sum_xy w_xy (a * M[x, y] + c - zT[x, y])^2, with M the student's own map
+(its mixing of its layer-4 maps), zT the teacher's map z-scored over the bank, w = s_k^2 / sum s_k^2 the
+pixels the teacher reads, and (a, c) two learned scalars (the student's map is in its own units). lam 0
+is the plain retrain, same loop.
 
     python benchmarks/map_probe.py --neuron 190923:30 --lam 1 --passes 2.4 --frozen 1 --threads 1
 
