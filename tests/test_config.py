@@ -139,11 +139,21 @@ def test_the_cli_refuses_a_bad_config_before_any_work_and_writes_nothing(tmp_pat
                                         if not p.name.startswith("teacher_")), ids=lambda p: p.name)
 def test_every_job_config_in_configs_loads(path):
     """Every job config shipped in configs/ passes the load-time checks (its sections, recipe and
-    selection), so a config edited by hand fails here and not in a user's first job; each has its own
-    name, so two of them never share a job id."""
+    selection), so a config edited by hand fails here and not in a user's first job. Its name begins
+    with its file's name (a default promoted from another file may keep its old, longer name, so its
+    job id, and a resumed run, stay the same)."""
     cfg = load_job_config(path)
-    assert cfg.name == path.stem.replace("_", "-")
+    assert cfg.name.startswith(path.stem.replace("_", "-"))
     assert cfg.resolved_job_id().startswith(cfg.name + "-")
+
+
+def test_no_two_job_configs_in_configs_share_a_name():
+    """Each shipped config has its own name, so two of them never share a job id (and so never
+    skip each other's neurons as finished)."""
+    paths = sorted(p for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")
+                   if not p.name.startswith("teacher_"))
+    names = [load_job_config(p).name for p in paths]
+    assert len(paths) >= 2 and len(set(names)) == len(names), dict(zip(names, paths))
 
 
 def test_the_job_id_hashes_only_what_differs_from_the_defaults_so_new_fields_leave_it_alone():
